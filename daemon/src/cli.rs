@@ -1,0 +1,433 @@
+//! Command-line interface: `emberd generate | bench | eval`.
+//!
+//! The flags and the JSON printed by `--json` and `bench` are a contract that
+//! tests, scripts and users rely on; change them only with care.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use serde::Serialize;
+
+use crate::engine::{LoadOptions, Logits, Model};
+use crate::generate::{self, GenerateParams, Truncate};
+use crate::sample::SamplingParams;
+
+/// Ember: run int8 ONNX language models on small boards.
+#[derive(Debug, Parser)]
+#[command(name = "emberd", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Generate text from a prompt, streaming it to stdout.
+    Generate(GenerateArgs),
+    /// Measure load time, prefill, time to first token, decode speed and peak memory.
+    Bench(BenchArgs),
+    /// Perplexity of a model on a text file.
+    Eval(EvalArgs),
+}
+
+/// Flags shared by every command that loads a model.
+#[derive(Debug, Args)]
+pub struct ModelArgs {
+    /// Model directory (model.onnx + tokenizer.json).
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+    /// Threads per forward pass.
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+}
+
+impl ModelArgs {
+    fn load(&self) -> anyhow::Result<Model> {
+        if self.threads == 0 {
+            bail!("--threads must be at least 1");
+        }
+        Model::load(
+            &self.model,
+            &LoadOptions {
+                threads: self.threads,
+            },
+        )
+        .with_context(|| format!("cannot load model {}", self.model.display()))
+    }
+}
+
+/// `emberd generate`.
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f32,
+    /// Keep the K most likely tokens (0: off).
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    /// Nucleus sampling mass (1: off).
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    /// Drop tokens below this fraction of the best token's probability (0: off).
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+    /// > 1 discourages tokens already in prompt or output.
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    /// Penalty for any token already generated (-2..2).
+    #[arg(long, default_value_t = 0.0)]
+    presence_penalty: f32,
+    /// Penalty per occurrence of a generated token (-2..2).
+    #[arg(long, default_value_t = 0.0)]
+    frequency_penalty: f32,
+    /// Random seed: same seed, same text.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop when this text appears (repeatable); it is not printed.
+    #[arg(long, value_name = "STR")]
+    stop: Vec<String>,
+    /// Also report the N most likely alternatives of each token (with --json).
+    #[arg(long, value_name = "N")]
+    logprobs: Option<usize>,
+    /// Keep going past end-of-sequence tokens.
+    #[arg(long)]
+    ignore_eos: bool,
+    /// What to do with a prompt longer than the context.
+    #[arg(long, value_enum, default_value_t = Truncate::Error)]
+    truncate: Truncate,
+    /// Print one JSON object at the end instead of streaming text.
+    #[arg(long)]
+    json: bool,
+    /// The prompt.
+    prompt: String,
+}
+
+/// `emberd bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt length in tokens.
+    #[arg(long, default_value_t = 64)]
+    prompt_tokens: usize,
+    /// Tokens to generate (greedy, EOS ignored).
+    #[arg(long, default_value_t = 128)]
+    gen_tokens: usize,
+    /// Repetitions; medians are reported.
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+}
+
+/// `emberd eval`.
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// UTF-8 text to score.
+    #[arg(long, value_name = "FILE")]
+    text: PathBuf,
+    /// Sliding-window stride in tokens (default: half the context).
+    #[arg(long)]
+    stride: Option<usize>,
+    /// Score at most this many tokens.
+    #[arg(long)]
+    max_tokens: Option<usize>,
+}
+
+/// Parse the command line and run it.
+pub fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("EMBER_LOG").unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new("warn,tract_onnx::model=error")
+            }),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Generate(a) => cmd_generate(a),
+        Command::Bench(a) => cmd_bench(a),
+        Command::Eval(a) => cmd_eval(a),
+    }
+}
+
+fn cmd_generate(a: GenerateArgs) -> anyhow::Result<()> {
+    let model = a.model.load()?;
+    let prompt_ids = model.tokenizer.encode(&a.prompt)?;
+    let params = GenerateParams {
+        sampling: SamplingParams {
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            min_p: a.min_p,
+            repetition_penalty: a.repetition_penalty,
+            presence_penalty: a.presence_penalty,
+            frequency_penalty: a.frequency_penalty,
+            seed: a.seed,
+            logprobs: a.logprobs,
+        },
+        max_tokens: a.max_tokens,
+        stop: a.stop,
+        ignore_eos: a.ignore_eos,
+        truncate: a.truncate,
+    };
+    let stdout = std::io::stdout();
+    let json = a.json;
+    let completion = generate::run(&model, prompt_ids, params, |piece| {
+        if !json {
+            let mut out = stdout.lock();
+            // A closed pipe (`| head`) is not an error worth a backtrace.
+            let _ = out.write_all(piece.as_bytes()).and_then(|_| out.flush());
+        }
+    })?;
+    let mut out = stdout.lock();
+    if json {
+        serde_json::to_writer(&mut out, &completion)?;
+    }
+    writeln!(out)?;
+    Ok(())
+}
+
+/// Text both `emberd bench` and `tools/ort_bench.py` tokenize, repeated, for their prompt.
+pub const BENCH_TEXT: &str = "In the beginning God created the heaven and the earth. ";
+
+/// The first `n` token ids of [`BENCH_TEXT`] repeated.
+pub fn bench_prompt(model: &Model, n: usize) -> anyhow::Result<Vec<u32>> {
+    let mut text = String::new();
+    loop {
+        text.push_str(BENCH_TEXT);
+        let ids = model.tokenizer.encode(&text)?;
+        if ids.len() >= n {
+            return Ok(ids[..n].to_vec());
+        }
+    }
+}
+
+/// What `emberd bench` prints (medians over runs).
+#[derive(Debug, Serialize)]
+pub struct BenchReport {
+    /// "emberd".
+    pub runtime: &'static str,
+    /// Backend name.
+    pub backend: String,
+    /// Model directory.
+    pub model: String,
+    /// Threads per forward pass.
+    pub threads: usize,
+    /// Prompt length.
+    pub prompt_tokens: usize,
+    /// Generated tokens per run.
+    pub gen_tokens: usize,
+    /// Repetitions.
+    pub runs: usize,
+    /// Model load, median.
+    pub load_ms: f64,
+    /// Prompt processing, median.
+    pub prefill_ms: f64,
+    /// Prefill plus first sampled token, median.
+    pub ttft_ms: f64,
+    /// Generated tokens after the first, per second, median.
+    pub decode_tokens_per_s: f64,
+    /// Peak resident memory of the process (VmHWM).
+    pub peak_rss_bytes: u64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return 0.0;
+    }
+    let m = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[m]
+    } else {
+        (v[m - 1] + v[m]) / 2.0
+    }
+}
+
+/// Peak resident set size of this process, from /proc (0 where unavailable).
+pub fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|kb| kb.parse::<u64>().ok())
+                    .map(|kb| kb * 1024)
+            })
+        })
+        .unwrap_or(0)
+}
+
+fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
+    if std::io::stdout().is_terminal() {
+        let pb = indicatif::ProgressBar::new(len);
+        pb.set_style(
+            indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {eta}")
+                .expect("static template")
+                .progress_chars("=> "),
+        );
+        pb.set_message(what.to_string());
+        pb
+    } else {
+        indicatif::ProgressBar::hidden()
+    }
+}
+
+fn cmd_bench(a: BenchArgs) -> anyhow::Result<()> {
+    if a.runs == 0 || a.gen_tokens == 0 || a.prompt_tokens == 0 {
+        bail!("--runs, --gen-tokens and --prompt-tokens must be at least 1");
+    }
+    let (mut load, mut prefill, mut ttft, mut tps) = (vec![], vec![], vec![], vec![]);
+    let pb = progress(a.runs as u64, "bench");
+    let mut backend = String::new();
+    for _ in 0..a.runs {
+        let t0 = Instant::now();
+        let model = a.model.load()?;
+        load.push(t0.elapsed().as_secs_f64() * 1e3);
+        backend = model.backend.name().to_string();
+        let prompt = bench_prompt(&model, a.prompt_tokens)?;
+        let params = GenerateParams {
+            sampling: SamplingParams::greedy(),
+            max_tokens: a.gen_tokens,
+            ignore_eos: true,
+            ..Default::default()
+        };
+        let c = generate::run(&model, prompt, params, |_| {})?;
+        prefill.push(c.timings.prefill_ms);
+        ttft.push(c.timings.ttft_ms);
+        tps.push(c.timings.decode_tokens_per_s);
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    let report = BenchReport {
+        runtime: "emberd",
+        backend,
+        model: a.model.model.display().to_string(),
+        threads: a.model.threads,
+        prompt_tokens: a.prompt_tokens,
+        gen_tokens: a.gen_tokens,
+        runs: a.runs,
+        load_ms: median(load),
+        prefill_ms: median(prefill),
+        ttft_ms: median(ttft),
+        decode_tokens_per_s: median(tps),
+        peak_rss_bytes: peak_rss_bytes(),
+    };
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
+/// Result of `emberd eval`.
+#[derive(Debug, Serialize)]
+pub struct EvalReport {
+    /// exp(mean negative log-likelihood).
+    pub perplexity: f64,
+    /// Tokens whose probability was scored.
+    pub tokens_evaluated: usize,
+    /// Mean negative log-likelihood in nats.
+    pub nll_per_token: f64,
+    /// Window and stride used.
+    pub window: usize,
+    /// See `window`.
+    pub stride: usize,
+}
+
+/// Perplexity of `ids` under `model`: a sliding window over the context, each
+/// token scored once with as much left context as the window allows.
+pub fn perplexity(
+    model: &Model,
+    ids: &[u32],
+    stride: Option<usize>,
+    on_window: impl Fn(usize),
+) -> anyhow::Result<EvalReport> {
+    if ids.len() < 2 {
+        bail!("the text has fewer than 2 tokens; nothing to evaluate");
+    }
+    // LSTMs have no context limit: score the whole text in chunks, carrying state.
+    let window = model.context.unwrap_or(usize::MAX).min(ids.len());
+    let stride = stride.unwrap_or((window / 2).max(1)).clamp(1, window);
+    let mut logits = vec![];
+    let mut nll = 0.0f64;
+    let mut scored = 0usize;
+    let vocab = model.backend.vocab_size();
+    let mut add = |logits: &[f32], targets: &[u32]| {
+        for (row, &t) in logits.chunks(vocab).zip(targets) {
+            let (_, lz) = crate::sample::log_sum_exp(row);
+            nll += (lz - row[t as usize]) as f64;
+            scored += 1;
+        }
+    };
+    if model.context.is_none() {
+        let mut state = model.backend.new_state()?;
+        const CHUNK: usize = 256;
+        for (i, chunk) in ids[..ids.len() - 1].chunks(CHUNK).enumerate() {
+            model
+                .backend
+                .forward(&mut state, chunk, Logits::All, &mut logits)?;
+            let start = i * CHUNK + 1;
+            add(&logits, &ids[start..start + chunk.len()]);
+            on_window(start + chunk.len());
+        }
+    } else {
+        // Window [begin, end); positions before `scored_to` were scored by an earlier window.
+        let mut scored_to = 1usize;
+        let mut begin = 0usize;
+        loop {
+            let end = (begin + window).min(ids.len());
+            let mut state = model.backend.new_state()?;
+            model
+                .backend
+                .forward(&mut state, &ids[begin..end - 1], Logits::All, &mut logits)?;
+            // Row r predicts ids[begin + r + 1].
+            let first_row = scored_to - begin - 1;
+            add(&logits[first_row * vocab..], &ids[scored_to..end]);
+            scored_to = end;
+            on_window(end);
+            if end == ids.len() {
+                break;
+            }
+            begin += stride;
+            begin = begin.min(scored_to - 1);
+        }
+    }
+    let mean = nll / scored as f64;
+    Ok(EvalReport {
+        perplexity: mean.exp(),
+        tokens_evaluated: scored,
+        nll_per_token: mean,
+        window,
+        stride,
+    })
+}
+
+fn cmd_eval(a: EvalArgs) -> anyhow::Result<()> {
+    let model = a.model.load()?;
+    let text = read_text(&a.text)?;
+    let mut ids = model.tokenizer.encode(&text)?;
+    if let Some(m) = a.max_tokens {
+        ids.truncate(m + 1);
+    }
+    let pb = progress(ids.len() as u64, "eval");
+    let report = perplexity(&model, &ids, a.stride, |done| pb.set_position(done as u64))?;
+    pb.finish_and_clear();
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
+fn read_text(path: &Path) -> anyhow::Result<String> {
+    std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read text file {}", path.display()))
+}

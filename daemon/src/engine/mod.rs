@@ -1,0 +1,150 @@
+//! Engines: what turns token ids into logits.
+//!
+//! A [`Backend`] owns an optimised graph and runs sequences through it; each
+//! sequence carries its own [`SeqState`] (KV cache or LSTM state), so one
+//! loaded model serves many sequences. [`Model`] bundles a backend with its
+//! tokenizer and settings; it is what the CLI and the server hold.
+
+pub mod tract;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::model::{Family, ModelDir, ModelError};
+use crate::text::{TextError, Tokenizer};
+
+/// A request the engine refused or failed to run.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The prompt does not fit the context window.
+    #[error("prompt is {prompt} tokens but the model's context is {context} tokens (including {max_tokens} requested for the output); shorten it, lower max_tokens, or use the truncate policy")]
+    PromptTooLong {
+        /// Prompt length in tokens.
+        prompt: usize,
+        /// Model context.
+        context: usize,
+        /// Output budget asked for.
+        max_tokens: usize,
+    },
+    /// The prompt has no tokens.
+    #[error("prompt is empty")]
+    EmptyPrompt,
+    /// A token id outside the vocabulary.
+    #[error("token id {0} is outside the model's vocabulary of {1}")]
+    BadToken(u32, usize),
+    /// Sampling settings out of range.
+    #[error(transparent)]
+    Params(#[from] crate::sample::ParamError),
+    /// Tokenization failed.
+    #[error(transparent)]
+    Text(#[from] TextError),
+    /// The backend failed while running the graph.
+    #[error("inference failed: {0}")]
+    Run(String),
+}
+
+/// Per-sequence state owned by a backend (KV cache, recurrent state, position).
+#[derive(Debug)]
+pub struct SeqState {
+    /// Tokens already consumed.
+    pub len: usize,
+    pub(crate) inner: tract::TractState,
+}
+
+/// Whether a forward pass returns logits for every position or the last only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// `[vocab]`: what decoding needs.
+    Last,
+    /// `[tokens, vocab]`: what perplexity needs.
+    All,
+}
+
+/// A model runner. `forward` appends `tokens` to the sequence and writes logits to `out`.
+pub trait Backend: Send + Sync + std::fmt::Debug {
+    /// Backend name for logs and metrics ("tract").
+    fn name(&self) -> &'static str;
+    /// The detected family.
+    fn family(&self) -> &Family;
+    /// Logit row width.
+    fn vocab_size(&self) -> usize;
+    /// A fresh, empty sequence.
+    fn new_state(&self) -> Result<SeqState, EngineError>;
+    /// Run `tokens` after what `state` holds.
+    fn forward(
+        &self,
+        state: &mut SeqState,
+        tokens: &[u32],
+        which: Logits,
+        out: &mut Vec<f32>,
+    ) -> Result<(), EngineError>;
+}
+
+/// Options for [`Model::load`].
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Threads for one forward pass.
+    pub threads: usize,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions { threads: 1 }
+    }
+}
+
+/// A loaded model: tokenizer, backend and the settings generation needs.
+#[derive(Debug)]
+pub struct Model {
+    /// Where it came from.
+    pub dir: ModelDir,
+    /// Its tokenizer.
+    pub tokenizer: Tokenizer,
+    /// Its runner.
+    pub backend: Box<dyn Backend>,
+    /// Context window in tokens, when known (LSTMs have none by default).
+    pub context: Option<usize>,
+    /// Ids that end generation.
+    pub eos_ids: Vec<u32>,
+    /// Wall time of [`Model::load`].
+    pub load_time: Duration,
+}
+
+impl Model {
+    /// Load and optimise a model directory.
+    pub fn load(root: &Path, opts: &LoadOptions) -> Result<Model, ModelError> {
+        let t0 = Instant::now();
+        let dir = ModelDir::open(root)?;
+        let tokenizer = Tokenizer::from_file(&dir.tokenizer)?;
+        let backend = tract::TractBackend::load(&dir, opts)?;
+        let mut eos_ids = dir.eos_ids.clone();
+        if eos_ids.is_empty() {
+            eos_ids.extend(
+                ["<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>"]
+                    .iter()
+                    .filter_map(|t| tokenizer.token_id(t)),
+            );
+        }
+        let context = match backend.family() {
+            Family::Decoder(_) => dir.context_length(),
+            Family::Lstm(_) => dir.ember.context_length,
+        };
+        Ok(Model {
+            dir,
+            tokenizer,
+            backend: Box::new(backend),
+            context,
+            eos_ids,
+            load_time: t0.elapsed(),
+        })
+    }
+
+    /// Directory name, used as the model's display name.
+    pub fn name(&self) -> String {
+        self.dir
+            .root
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into())
+    }
+}

@@ -1,0 +1,370 @@
+//! The tract backend: runs any graph of the supported families through
+//! tract-onnx, and is the numerical reference for faster backends.
+//!
+//! Loading declares every input fact itself (batch 1, symbolic new tokens `S`
+//! and past `P`, mask `P+S`) and ignores the exporter's intermediate shape
+//! annotations, which contradict those symbols in some exports. The graph is
+//! optimised once; a sequence keeps its KV cache (or LSTM state) as tensors
+//! returned by one call and fed to the next.
+
+use std::sync::Arc;
+
+use tract_onnx::pb;
+use tract_onnx::prelude::*;
+
+use super::{Backend, EngineError, LoadOptions, Logits, SeqState};
+use crate::model::{self, Family, ModelDir, ModelError};
+
+type Plan = Arc<TypedRunnableModel>;
+
+/// A model optimised by tract, with its I/O positions resolved.
+#[derive(Debug)]
+pub struct TractBackend {
+    family: Family,
+    plan: Plan,
+    vocab: usize,
+    /// Position of each named graph input in the plan's input list.
+    inputs: Inputs,
+    /// Position of logits and state outputs in the plan's output list.
+    logits_out: usize,
+    state_out: Vec<usize>,
+}
+
+#[derive(Debug)]
+enum Inputs {
+    Decoder {
+        ids: usize,
+        mask: Option<usize>,
+        pos: Option<usize>,
+        past: Vec<usize>,
+    },
+    Lstm {
+        ids: usize,
+        h: usize,
+        c: usize,
+    },
+}
+
+/// The sequence state tract needs: the state tensors fed back each call
+/// (past keys/values per layer, or h and c).
+#[derive(Debug)]
+pub struct TractState {
+    tensors: Vec<TValue>,
+}
+
+fn tract_err<'a>(dir: &'a ModelDir, stage: &'static str) -> impl Fn(TractError) -> ModelError + 'a {
+    move |e| ModelError::Tract {
+        path: dir.onnx.clone(),
+        stage,
+        reason: format!("{e:#}"),
+    }
+}
+
+impl TractBackend {
+    /// Parse, check, type and optimise `dir/model.onnx`.
+    pub fn load(dir: &ModelDir, opts: &LoadOptions) -> Result<Self, ModelError> {
+        let bytes = std::fs::read(&dir.onnx).map_err(|source| ModelError::Io {
+            path: dir.onnx.clone(),
+            source,
+        })?;
+        dir.verify_checksum(&bytes)?;
+        let proto = model::parse_proto(&dir.onnx, &bytes)?;
+        drop(bytes);
+        if let Some(ops) = model::unsupported_ops(&proto) {
+            return Err(ModelError::UnsupportedOp {
+                path: dir.onnx.clone(),
+                ops,
+            });
+        }
+        let family = model::detect_family(dir, &proto)?;
+        let vocab = vocab_of(&proto, &family);
+        let onnx = tract_onnx::onnx()
+            .with_ignore_output_shapes(true)
+            .with_ignore_value_info(true);
+        let root = dir.root.to_string_lossy();
+        let mut m = onnx
+            .parse(&proto, Some(&root))
+            .map_err(tract_err(dir, "parse the graph"))?
+            .model;
+        drop(proto);
+        let input_names: Vec<String> = m
+            .input_outlets()
+            .map_err(tract_err(dir, "list inputs"))?
+            .iter()
+            .map(|o| m.node(o.node).name.clone())
+            .collect();
+        let ix = |name: &str| -> Result<usize, ModelError> {
+            input_names
+                .iter()
+                .position(|n| n == name)
+                .ok_or_else(|| ModelError::Tract {
+                    path: dir.onnx.clone(),
+                    stage: "find an input",
+                    reason: format!("no graph input named '{name}'"),
+                })
+        };
+        let s = m.symbols.sym("S");
+        let p = m.symbols.sym("P");
+        let i64_fact = |shape: TVec<TDim>| InferenceFact::dt_shape(i64::datum_type(), shape);
+        let f32_fact = |shape: TVec<TDim>| InferenceFact::dt_shape(f32::datum_type(), shape);
+        let seq: TVec<TDim> = tvec![1.to_dim(), s.to_dim()];
+        let (inputs, out_names) = match &family {
+            Family::Decoder(io) => {
+                m.set_input_fact(ix(&io.input_ids)?, i64_fact(seq.clone()))
+                    .map_err(tract_err(dir, "set input facts"))?;
+                let mask = io.attention_mask.as_deref().map(ix).transpose()?;
+                if let Some(i) = mask {
+                    m.set_input_fact(i, i64_fact(tvec![1.to_dim(), p.to_dim() + s.to_dim()]))
+                        .map_err(tract_err(dir, "set input facts"))?;
+                }
+                let pos = io.position_ids.as_deref().map(ix).transpose()?;
+                if let Some(i) = pos {
+                    m.set_input_fact(i, i64_fact(seq.clone()))
+                        .map_err(tract_err(dir, "set input facts"))?;
+                }
+                let mut past = vec![];
+                let kv: TVec<TDim> = tvec![
+                    1.to_dim(),
+                    io.kv_heads.to_dim(),
+                    p.to_dim(),
+                    io.head_dim.to_dim()
+                ];
+                for l in &io.layers {
+                    for name in &l[..2] {
+                        let i = ix(name)?;
+                        m.set_input_fact(i, f32_fact(kv.clone()))
+                            .map_err(tract_err(dir, "set input facts"))?;
+                        past.push(i);
+                    }
+                }
+                let mut outs = vec![io.logits.clone()];
+                outs.extend(io.layers.iter().flat_map(|l| [l[2].clone(), l[3].clone()]));
+                (
+                    Inputs::Decoder {
+                        ids: ix(&io.input_ids)?,
+                        mask,
+                        pos,
+                        past,
+                    },
+                    outs,
+                )
+            }
+            Family::Lstm(io) => {
+                let ids = ix(&io.input_ids)?;
+                m.set_input_fact(ids, i64_fact(seq.clone()))
+                    .map_err(tract_err(dir, "set input facts"))?;
+                let state: TVec<TDim> = tvec![io.layers.to_dim(), 1.to_dim(), io.hidden.to_dim()];
+                let (h, c) = (ix(&io.h0)?, ix(&io.c0)?);
+                for i in [h, c] {
+                    m.set_input_fact(i, f32_fact(state.clone()))
+                        .map_err(tract_err(dir, "set input facts"))?;
+                }
+                (
+                    Inputs::Lstm { ids, h, c },
+                    vec![io.logits.clone(), io.hn.clone(), io.cn.clone()],
+                )
+            }
+        };
+        // Keep only the outputs Ember reads, in a known order: logits, then state.
+        let outlets: Vec<OutletId> = out_names
+            .iter()
+            .map(|n| find_output(&m, n))
+            .collect::<Result<_, _>>()
+            .map_err(tract_err(dir, "find the outputs"))?;
+        m.select_output_outlets(&outlets)
+            .map_err(tract_err(dir, "select the outputs"))?;
+        let typed = m
+            .into_typed()
+            .map_err(tract_err(dir, "infer types and shapes"))?;
+        let optimized = typed
+            .into_optimized()
+            .map_err(tract_err(dir, "optimise the graph"))?;
+        let plan = optimized
+            .into_runnable()
+            .map_err(tract_err(dir, "plan the graph"))?;
+        let _ = opts.threads; // tract runs one stream per thread; see README performance notes.
+        let n_state = out_names.len() - 1;
+        Ok(TractBackend {
+            family,
+            plan,
+            vocab,
+            inputs,
+            logits_out: 0,
+            state_out: (1..=n_state).collect(),
+        })
+    }
+}
+
+/// The outlet of a graph output, by its ONNX name.
+fn find_output(m: &InferenceModel, name: &str) -> TractResult<OutletId> {
+    for o in m.output_outlets()? {
+        if m.outlet_label(*o) == Some(name) || (m.node(o.node).name == name && o.slot == 0) {
+            return Ok(*o);
+        }
+    }
+    // Outputs are also reachable by their tensor name when they are not graph outputs.
+    for node in m.nodes() {
+        for slot in 0..node.outputs.len() {
+            let o = OutletId::new(node.id, slot);
+            if m.outlet_label(o) == Some(name) {
+                return Ok(o);
+            }
+        }
+    }
+    Err(anyhow::anyhow!("no output named '{name}'"))
+}
+
+/// Vocabulary size from the logits output's last dimension.
+fn vocab_of(proto: &pb::ModelProto, family: &Family) -> usize {
+    let logits = match family {
+        Family::Decoder(io) => &io.logits,
+        Family::Lstm(io) => &io.logits,
+    };
+    let g = proto.graph.as_ref().expect("checked");
+    g.output
+        .iter()
+        .find(|o| &o.name == logits)
+        .and_then(|o| match o.r#type.as_ref()?.value.as_ref()? {
+            pb::type_proto::Value::TensorType(t) => {
+                match t.shape.as_ref()?.dim.last()?.value.as_ref()? {
+                    pb::tensor_shape_proto::dimension::Value::DimValue(v) => Some(*v as usize),
+                    _ => None,
+                }
+            }
+        })
+        .unwrap_or(0)
+}
+
+fn run_err(e: TractError) -> EngineError {
+    EngineError::Run(format!("{e:#}"))
+}
+
+impl Backend for TractBackend {
+    fn name(&self) -> &'static str {
+        "tract"
+    }
+
+    fn family(&self) -> &Family {
+        &self.family
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.vocab
+    }
+
+    fn new_state(&self) -> Result<SeqState, EngineError> {
+        let tensors = match &self.family {
+            Family::Decoder(io) => {
+                let empty = Tensor::zero::<f32>(&[1, io.kv_heads, 0, io.head_dim])
+                    .map_err(run_err)?
+                    .into_tvalue();
+                vec![empty; io.layers.len() * 2]
+            }
+            Family::Lstm(io) => {
+                let z = Tensor::zero::<f32>(&[io.layers, 1, io.hidden])
+                    .map_err(run_err)?
+                    .into_tvalue();
+                vec![z.clone(), z]
+            }
+        };
+        Ok(SeqState {
+            len: 0,
+            inner: TractState { tensors },
+        })
+    }
+
+    fn forward(
+        &self,
+        state: &mut SeqState,
+        tokens: &[u32],
+        which: Logits,
+        out: &mut Vec<f32>,
+    ) -> Result<(), EngineError> {
+        if tokens.is_empty() {
+            return Err(EngineError::EmptyPrompt);
+        }
+        if self.vocab > 0 {
+            if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.vocab) {
+                return Err(EngineError::BadToken(bad, self.vocab));
+            }
+        }
+        let n = tokens.len();
+        let past = state.len;
+        let ids = Tensor::from_shape(
+            &[1, n],
+            &tokens.iter().map(|&t| t as i64).collect::<Vec<_>>(),
+        )
+        .map_err(run_err)?;
+        let n_inputs = self.plan.model().input_outlets().map_err(run_err)?.len();
+        let mut inputs: Vec<Option<TValue>> = vec![None; n_inputs];
+        let mut state_tensors = std::mem::take(&mut state.inner.tensors).into_iter();
+        match &self.inputs {
+            Inputs::Decoder {
+                ids: i,
+                mask,
+                pos,
+                past: past_ix,
+            } => {
+                inputs[*i] = Some(ids.into_tvalue());
+                if let Some(m) = mask {
+                    inputs[*m] = Some(
+                        Tensor::from_shape(&[1, past + n], &vec![1i64; past + n])
+                            .map_err(run_err)?
+                            .into_tvalue(),
+                    );
+                }
+                if let Some(p) = pos {
+                    let positions: Vec<i64> = (past as i64..(past + n) as i64).collect();
+                    inputs[*p] = Some(
+                        Tensor::from_shape(&[1, n], &positions)
+                            .map_err(run_err)?
+                            .into_tvalue(),
+                    );
+                }
+                for &pi in past_ix {
+                    inputs[pi] = state_tensors.next();
+                }
+            }
+            Inputs::Lstm { ids: i, h, c } => {
+                inputs[*i] = Some(ids.into_tvalue());
+                inputs[*h] = state_tensors.next();
+                inputs[*c] = state_tensors.next();
+            }
+        }
+        let inputs: TVec<TValue> = inputs
+            .into_iter()
+            .map(|t| t.ok_or_else(|| EngineError::Run("an input of the graph was not fed".into())))
+            .collect::<Result<_, _>>()?;
+        let outputs = self.plan.run(inputs).map_err(run_err)?;
+        let logits = outputs[self.logits_out]
+            .to_plain_array_view::<f32>()
+            .map_err(run_err)?;
+        let shape = logits.shape().to_vec();
+        if shape.len() != 3 || shape[1] != n {
+            return Err(EngineError::Run(format!(
+                "logits have shape {shape:?}, expected [1, {n}, vocab]"
+            )));
+        }
+        let flat = logits
+            .as_slice()
+            .ok_or_else(|| EngineError::Run("logits are not contiguous".into()))?;
+        let v = shape[2];
+        out.clear();
+        match which {
+            Logits::Last => out.extend_from_slice(&flat[(n - 1) * v..]),
+            Logits::All => out.extend_from_slice(flat),
+        }
+        let mut outputs: Vec<Option<TValue>> = outputs.into_iter().map(Some).collect();
+        state.inner.tensors = self
+            .state_out
+            .iter()
+            .map(|&i| {
+                outputs[i]
+                    .take()
+                    .ok_or_else(|| EngineError::Run("missing state output".into()))
+            })
+            .collect::<Result<_, _>>()?;
+        state.len += n;
+        Ok(())
+    }
+}

@@ -1,0 +1,69 @@
+//! Scalar reference implementations. Always compiled; every SIMD kernel is
+//! tested against these.
+
+/// Index of the largest value, the lowest index on ties; 0 for an empty slice.
+/// NaNs are never selected unless every value is NaN.
+pub fn argmax(x: &[f32]) -> usize {
+    let mut best = 0usize;
+    for (i, &v) in x.iter().enumerate() {
+        if v > x[best] || x[best].is_nan() && !v.is_nan() {
+            best = i;
+        }
+    }
+    best
+}
+
+/// `(max, ln Σ exp(x))`, computed stably (accumulated in f64).
+pub fn log_sum_exp(x: &[f32]) -> (f32, f32) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if max == f32::NEG_INFINITY {
+        return (max, max);
+    }
+    let sum: f64 = x.iter().map(|&v| ((v - max) as f64).exp()).sum();
+    (max, max + sum.ln() as f32)
+}
+
+/// Replace logits by probabilities.
+pub fn softmax_inplace(x: &mut [f32]) {
+    let (_, lz) = log_sum_exp(x);
+    for v in x.iter_mut() {
+        *v = (*v - lz).exp();
+    }
+}
+
+/// Replace logits by log-probabilities.
+pub fn log_softmax_inplace(x: &mut [f32]) {
+    let (_, lz) = log_sum_exp(x);
+    for v in x.iter_mut() {
+        *v -= lz;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn argmax_prefers_lowest_index_and_skips_nan() {
+        assert_eq!(argmax(&[1.0, 3.0, 3.0, 2.0]), 1);
+        assert_eq!(argmax(&[f32::NAN, -1.0, 0.5]), 2);
+        assert_eq!(argmax(&[]), 0);
+    }
+
+    #[test]
+    fn softmax_sums_to_one_even_for_huge_logits() {
+        let mut x = vec![1000.0f32, 999.0, -1000.0, 0.0];
+        softmax_inplace(&mut x);
+        let s: f32 = x.iter().sum();
+        assert!((s - 1.0).abs() < 1e-6, "{s}");
+        assert!((x[0] / x[1] - 1f32.exp()).abs() < 1e-4);
+        let mut y = vec![1000.0f32, 999.0, -1000.0, 0.0];
+        log_softmax_inplace(&mut y);
+        assert!((y[0].exp() - x[0]).abs() < 1e-6);
+    }
+
+    #[test]
+    fn log_sum_exp_of_all_minus_infinity_is_minus_infinity() {
+        assert_eq!(log_sum_exp(&[f32::NEG_INFINITY; 3]).1, f32::NEG_INFINITY);
+    }
+}
