@@ -119,8 +119,6 @@ pub struct Generation {
     detok: StreamDecoder,
     stops: StopMatcher,
     eos: Vec<u32>,
-    /// Tokens the sequence may still add before the context is full.
-    room: usize,
     prompt_ids: Vec<u32>,
     finish: Option<FinishReason>,
 }
@@ -141,30 +139,21 @@ impl Generation {
         if let Some(&bad) = prompt_ids.iter().find(|&&t| t as usize >= vocab) {
             return Err(EngineError::BadToken(bad, vocab));
         }
-        let room = match model.context {
-            Some(ctx) => {
-                // The prompt and at least one generated token must fit.
-                let need = prompt_ids.len() + params.max_tokens.max(1);
-                if need > ctx {
-                    match params.truncate {
-                        Truncate::Error => {
-                            return Err(EngineError::PromptTooLong {
-                                prompt: prompt_ids.len(),
-                                context: ctx,
-                                max_tokens: params.max_tokens,
-                            })
-                        }
-                        Truncate::Left => {
-                            let keep = ctx.saturating_sub(params.max_tokens.max(1)).max(1);
-                            let cut = prompt_ids.len().saturating_sub(keep);
-                            prompt_ids.drain(..cut);
-                        }
-                    }
+        if let Some(ctx) = model.context {
+            // The prompt and every requested token must fit the context.
+            let max_tokens = params.max_tokens.max(1);
+            if prompt_ids.len() + max_tokens > ctx {
+                if params.truncate == Truncate::Error || max_tokens >= ctx {
+                    return Err(EngineError::PromptTooLong {
+                        prompt: prompt_ids.len(),
+                        context: ctx,
+                        max_tokens: params.max_tokens,
+                    });
                 }
-                ctx - prompt_ids.len()
+                // Truncate::Left keeps the tail of the prompt.
+                prompt_ids.drain(..prompt_ids.len() + max_tokens - ctx);
             }
-            None => usize::MAX,
-        };
+        }
         let sampler = Sampler::new(params.sampling.clone(), vocab, &prompt_ids);
         Ok(Generation {
             stops: StopMatcher::new(&params.stop),
@@ -176,7 +165,6 @@ impl Generation {
             params,
             sampler,
             detok: StreamDecoder::new(),
-            room,
             prompt_ids,
             finish: None,
         })
@@ -212,7 +200,8 @@ impl Generation {
             StopCheck::Continue(text) => text,
         };
         let n = self.detok.ids().len();
-        if n >= self.params.max_tokens || n >= self.room {
+        // Validation in `new` guarantees prompt + max_tokens fits the context.
+        if n >= self.params.max_tokens {
             // The last token may complete a stop sequence only with the held text;
             // flush what is left and end on length.
             match self.flush_checked(tok)? {

@@ -1,0 +1,162 @@
+//! The `emberd` command-line contract, run as a real process.
+
+use ember_tests::{emberd, golden, model};
+use serde_json::Value;
+
+fn json(out: std::process::Output) -> Value {
+    assert!(
+        out.status.success(),
+        "emberd failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+#[test]
+fn generate_json_greedy_equals_golden_and_streaming_text() {
+    for name in ["kjv-gpt2", "kjv-lstm"] {
+        let dir = model(name);
+        let d = dir.to_str().unwrap();
+        for case in golden(&dir).cases {
+            let args = [
+                "generate",
+                "--model",
+                d,
+                "--temperature",
+                "0",
+                "--max-tokens",
+                "32",
+                "--ignore-eos",
+            ];
+            let v = json(emberd(&[&args[..], &["--json", &case.prompt]].concat()));
+            let ids: Vec<u32> = serde_json::from_value(v["token_ids"].clone()).unwrap();
+            assert_eq!(ids, case.greedy_ids, "{name}/{}", case.name);
+            assert_eq!(v["text"], case.greedy_text.as_str());
+            assert_eq!(v["finish_reason"], "length");
+            assert_eq!(v["usage"]["completion_tokens"], 32);
+            assert_eq!(v["usage"]["prompt_tokens"], case.prompt_ids.len());
+            for k in ["prefill_ms", "ttft_ms", "decode_tokens_per_s"] {
+                assert!(v["timings"][k].as_f64().unwrap() > 0.0, "{k}");
+            }
+            let out = emberd(&[&args[..], &[case.prompt.as_str()]].concat());
+            assert!(out.status.success());
+            assert_eq!(
+                String::from_utf8(out.stdout).unwrap(),
+                format!("{}\n", case.greedy_text)
+            );
+        }
+    }
+}
+
+#[test]
+fn seeded_sampling_is_reproducible() {
+    let d = model("kjv-gpt2");
+    let run = |seed: &str| {
+        json(emberd(&[
+            "generate",
+            "--model",
+            d.to_str().unwrap(),
+            "--seed",
+            seed,
+            "--max-tokens",
+            "40",
+            "--json",
+            "And God said",
+        ]))["text"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(run("7"), run("7"));
+    assert_ne!(run("7"), run("8"));
+}
+
+#[test]
+fn stop_sequence_ends_generation_and_is_not_printed() {
+    let d = model("kjv-gpt2");
+    let d = d.to_str().unwrap();
+    // Greedy output is ", and the LORD, and the LORD, ..." (see golden.json).
+    let v = json(emberd(&[
+        "generate",
+        "--model",
+        d,
+        "--temperature",
+        "0",
+        "--stop",
+        "LORD",
+        "--json",
+        "In the beginning God created",
+    ]));
+    assert_eq!(v["text"], ", and the ");
+    assert_eq!(v["finish_reason"], "stop");
+}
+
+#[test]
+fn logprobs_are_reported() {
+    let d = model("kjv-lstm");
+    let v = json(emberd(&[
+        "generate",
+        "--model",
+        d.to_str().unwrap(),
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "3",
+        "--logprobs",
+        "2",
+        "--json",
+        "And",
+    ]));
+    let lp = v["logprobs"].as_array().unwrap();
+    assert_eq!(lp.len(), 3);
+    for t in lp {
+        let top = t["top"].as_array().unwrap();
+        assert_eq!(top.len(), 2);
+        // Greedy: the chosen token is the best alternative.
+        assert_eq!(top[0][0], t["token"]);
+        assert!(t["logprob"].as_f64().unwrap() <= 0.0);
+    }
+}
+
+#[test]
+fn bench_prints_the_documented_keys() {
+    let d = model("kjv-lstm");
+    let v = json(emberd(&[
+        "bench",
+        "--model",
+        d.to_str().unwrap(),
+        "--prompt-tokens",
+        "16",
+        "--gen-tokens",
+        "8",
+        "--runs",
+        "2",
+    ]));
+    for k in ["load_ms", "prefill_ms", "ttft_ms", "decode_tokens_per_s"] {
+        assert!(v[k].as_f64().unwrap() > 0.0, "{k} in {v}");
+    }
+    assert!(v["peak_rss_bytes"].as_u64().unwrap() > 1 << 20);
+    assert_eq!(v["prompt_tokens"], 16);
+}
+
+#[test]
+fn eval_reports_perplexity_over_a_sliding_window() {
+    let text = ember_tests::root().join("models/heldout.txt");
+    for name in ["kjv-gpt2", "kjv-lstm"] {
+        let d = model(name);
+        let v = json(emberd(&[
+            "eval",
+            "--model",
+            d.to_str().unwrap(),
+            "--text",
+            text.to_str().unwrap(),
+            "--max-tokens",
+            "600",
+        ]));
+        let ppl = v["perplexity"].as_f64().unwrap();
+        // A trained model is far better than uniform over 4096 tokens.
+        assert!(ppl > 1.0 && ppl < 1000.0, "{name}: {v}");
+        assert_eq!(v["tokens_evaluated"], 600, "{name}: {v}");
+    }
+}
