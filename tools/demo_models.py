@@ -349,10 +349,10 @@ def random_llama(vocab: int, d: int, layers: int, heads: int, kv_heads: int, ffn
 
 def random_gpt2(vocab: int, d: int, layers: int, ctx: int, seed: int) -> dict:
     torch.manual_seed(seed)
-    m = GPT2(vocab, d, layers, 2, ctx)
+    m = GPT2(vocab, d, layers, 2, ctx)  # the head count does not change the weights
     with torch.no_grad():
         for p in m.parameters():
-            p.normal_(0, 0.3)
+            p.normal_(0, 0.3 if d < 256 else 0.03)
     return m.onnx_weights()
 
 
@@ -403,7 +403,9 @@ def main() -> None:
     ap.add_argument("--fixtures", default="tests/fixtures")
     ap.add_argument("--steps-gpt2", type=int, default=300)
     ap.add_argument("--steps-lstm", type=int, default=400)
-    ap.add_argument("--only", choices=["gpt2", "lstm", "fixtures"], action="append")
+    ap.add_argument("--only", choices=["gpt2", "lstm", "fixtures", "big"], action="append")
+    ap.add_argument("--big-out", default="target/bench-models/gpt2-big-int8",
+                    help="where --only big writes its random-weight model (not committed)")
     args = ap.parse_args()
     only = set(args.only or ["gpt2", "lstm", "fixtures"])
     torch.manual_seed(0)
@@ -446,6 +448,14 @@ def main() -> None:
         save(graph, out / "kjv-lstm", tok, cfg, quant="MatMul,Gather")
     if "fixtures" in only:
         fixtures(Path(args.fixtures), tok)
+    if "big" in only:
+        # Regression benchmark for large int8 layers (4 M weights per MLP matrix,
+        # above tract's 4 MiB constant-folding budget once widened to i32).
+        log("bench model: random GPT-2, 1024 wide, 4 layers, int8")
+        cfg = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": vocab, "n_embd": 1024,
+               "n_layer": 4, "n_head": 16, "n_positions": 512, "bos_token_id": eos, "eos_token_id": eos}
+        w = random_gpt2(vocab, 1024, 4, 512, seed=3)
+        save(onnx_graphs.gpt2(w, 4, 16), Path(args.big_out), tok, cfg, quant="MatMul,Gather")
     log("done")
 
 

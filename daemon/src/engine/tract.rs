@@ -9,8 +9,10 @@
 
 use std::sync::Arc;
 
+use tract_linalg::multithread::Executor;
 use tract_onnx::pb;
 use tract_onnx::prelude::*;
+use tract_onnx::tract_core::runtime::RunOptions;
 
 use super::{Backend, EngineError, LoadOptions, Logits, SeqState};
 use crate::model::{self, Family, ModelDir, ModelError};
@@ -176,13 +178,22 @@ impl TractBackend {
         let typed = m
             .into_typed()
             .map_err(tract_err(dir, "infer types and shapes"))?;
-        let optimized = typed
+        let mut optimized = typed
             .into_optimized()
             .map_err(tract_err(dir, "optimise the graph"))?;
+        fold_constants(&mut optimized).map_err(tract_err(dir, "fold constants"))?;
+        let executor = if opts.threads > 1 {
+            Executor::multithread(opts.threads)
+        } else {
+            Executor::SingleThread
+        };
+        let run_opts = RunOptions {
+            executor: Some(executor),
+            ..Default::default()
+        };
         let plan = optimized
-            .into_runnable()
+            .into_runnable_with_options(&run_opts)
             .map_err(tract_err(dir, "plan the graph"))?;
-        let _ = opts.threads; // tract runs one stream per thread; see README performance notes.
         let n_state = out_names.len() - 1;
         Ok(TractBackend {
             family,
@@ -193,6 +204,55 @@ impl TractBackend {
             state_out: (1..=n_state).collect(),
         })
     }
+}
+
+/// Evaluate once every node whose inputs are all constant, and replace it by
+/// its result.
+///
+/// tract's own constant propagation refuses to materialise anything larger
+/// than 4 MiB. For an int8 `MatMulInteger` with a dynamic activation zero
+/// point it needs the weight column sums, computed through an i32 copy of the
+/// weights (4 bytes a weight): above ~1 M weights that copy exceeds the budget,
+/// so the sums were recomputed from the whole matrix on every call. Folding
+/// here keeps only the results (the small sums), so the temporary is freed.
+fn fold_constants(model: &mut TypedModel) -> TractResult<()> {
+    use tract_onnx::tract_core::ops::konst::Const;
+    for id in model.eval_order()? {
+        let node = model.node(id);
+        if node.inputs.is_empty() || node.op_is::<Const>() {
+            continue;
+        }
+        let Some(inputs) = model
+            .node_input_facts(id)?
+            .iter()
+            .map(|f| {
+                f.konst
+                    .clone()
+                    .filter(|k| k.is_plain())
+                    .map(|k| k.into_tvalue())
+            })
+            .collect::<Option<TVec<TValue>>>()
+        else {
+            continue;
+        };
+        // `None` for ops with state or that need the run context: left alone.
+        let Ok(Some(outputs)) = node.op.eval_out_of_plan(inputs) else {
+            continue;
+        };
+        let name = node.name.clone();
+        let mut patch = TypedModelPatch::default();
+        for (slot, value) in outputs.into_iter().enumerate() {
+            let exotic = model
+                .outlet_fact(OutletId::new(id, slot))?
+                .exotic_fact
+                .clone();
+            let konst = Const::new_with_opt_exotic_fact(value.into_arc_tensor(), exotic)?;
+            let wire = patch.wire_node(format!("{name}.folded.{slot}"), konst, &[])?[0];
+            patch.shunt_outside(model, OutletId::new(id, slot), wire)?;
+        }
+        patch.apply(model)?;
+    }
+    model.compact()
 }
 
 /// The outlet of a graph output, by its ONNX name.
