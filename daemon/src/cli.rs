@@ -126,6 +126,10 @@ pub struct BenchArgs {
     /// Repetitions; medians are reported.
     #[arg(long, default_value_t = 5)]
     runs: usize,
+    /// Also time every operator over one more run's decode steps and print
+    /// the breakdown to stderr.
+    #[arg(long)]
+    profile: bool,
 }
 
 /// `emberd eval`.
@@ -312,6 +316,9 @@ fn cmd_bench(a: BenchArgs) -> anyhow::Result<()> {
         pb.inc(1);
     }
     pb.finish_and_clear();
+    if a.profile {
+        print_decode_profile(&a)?;
+    }
     let report = BenchReport {
         runtime: "emberd",
         backend,
@@ -327,6 +334,45 @@ fn cmd_bench(a: BenchArgs) -> anyhow::Result<()> {
         peak_rss_bytes: peak_rss_bytes(),
     };
     println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
+/// Greedy decode of `gen_tokens` after the bench prompt, every operator timed.
+fn print_decode_profile(a: &BenchArgs) -> anyhow::Result<()> {
+    let model = a.model.load()?;
+    let prompt = bench_prompt(&model, a.prompt_tokens)?;
+    let mut state = model.backend.new_state()?;
+    let mut logits = vec![];
+    model
+        .backend
+        .forward(&mut state, &prompt, Logits::Last, &mut logits)?;
+    let mut prof = crate::engine::Profile::default();
+    let t0 = Instant::now();
+    for _ in 0..a.gen_tokens {
+        let tok = crate::sample::argmax(&logits);
+        model
+            .backend
+            .forward_profiled(&mut state, &[tok], Logits::Last, &mut logits, &mut prof)?;
+    }
+    let wall = t0.elapsed().as_secs_f64();
+    let ops: f64 = prof.ops.values().map(|v| v.0.as_secs_f64()).sum();
+    eprintln!(
+        "decode profile: {} steps, {:.3} ms/step wall, {:.3} ms/step in operators",
+        a.gen_tokens,
+        wall * 1e3 / a.gen_tokens as f64,
+        ops * 1e3 / a.gen_tokens as f64
+    );
+    eprintln!(
+        "{:<28} {:>9} {:>7} {:>8}",
+        "operator", "ms/step", "share", "calls"
+    );
+    for (name, d, share, calls) in prof.ranked().into_iter().take(15) {
+        let per_step = d.as_secs_f64() * 1e3 / a.gen_tokens as f64;
+        eprintln!(
+            "{name:<28} {per_step:>9.4} {:>6.1}% {calls:>8}",
+            share * 100.0
+        );
+    }
     Ok(())
 }
 

@@ -78,6 +78,50 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         which: Logits,
         out: &mut Vec<f32>,
     ) -> Result<(), EngineError>;
+    /// [`Backend::forward`], timing each operator into `profile`.
+    fn forward_profiled(
+        &self,
+        state: &mut SeqState,
+        tokens: &[u32],
+        which: Logits,
+        out: &mut Vec<f32>,
+        profile: &mut Profile,
+    ) -> Result<(), EngineError>;
+}
+
+/// Wall time per operator kind, accumulated over profiled forward passes.
+#[derive(Debug, Default)]
+pub struct Profile {
+    /// Operator name -> (total time, calls).
+    pub ops: std::collections::BTreeMap<String, (Duration, u64)>,
+}
+
+impl Profile {
+    /// Account `d` to operator `op`.
+    pub fn add(&mut self, op: &str, d: Duration) {
+        let e = self.ops.entry(op.to_string()).or_default();
+        e.0 += d;
+        e.1 += 1;
+    }
+
+    /// Operators by decreasing time: (name, time, share of the total, calls).
+    pub fn ranked(&self) -> Vec<(String, Duration, f64, u64)> {
+        let total: Duration = self.ops.values().map(|v| v.0).sum();
+        let mut v: Vec<_> = self
+            .ops
+            .iter()
+            .map(|(k, &(d, n))| {
+                (
+                    k.clone(),
+                    d,
+                    d.as_secs_f64() / total.as_secs_f64().max(1e-12),
+                    n,
+                )
+            })
+            .collect();
+        v.sort_by(|a, b| b.1.cmp(&a.1));
+        v
+    }
 }
 
 /// Options for [`Model::load`].

@@ -14,7 +14,7 @@ use tract_onnx::pb;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::runtime::RunOptions;
 
-use super::{Backend, EngineError, LoadOptions, Logits, SeqState};
+use super::{Backend, EngineError, LoadOptions, Logits, Profile, SeqState};
 use crate::model::{self, Family, ModelDir, ModelError};
 
 type Plan = Arc<TypedRunnableModel>;
@@ -340,6 +340,30 @@ impl Backend for TractBackend {
         which: Logits,
         out: &mut Vec<f32>,
     ) -> Result<(), EngineError> {
+        self.forward_impl(state, tokens, which, out, None)
+    }
+
+    fn forward_profiled(
+        &self,
+        state: &mut SeqState,
+        tokens: &[u32],
+        which: Logits,
+        out: &mut Vec<f32>,
+        profile: &mut Profile,
+    ) -> Result<(), EngineError> {
+        self.forward_impl(state, tokens, which, out, Some(profile))
+    }
+}
+
+impl TractBackend {
+    fn forward_impl(
+        &self,
+        state: &mut SeqState,
+        tokens: &[u32],
+        which: Logits,
+        out: &mut Vec<f32>,
+        profile: Option<&mut Profile>,
+    ) -> Result<(), EngineError> {
         if tokens.is_empty() {
             return Err(EngineError::EmptyPrompt);
         }
@@ -395,7 +419,20 @@ impl Backend for TractBackend {
             .into_iter()
             .map(|t| t.ok_or_else(|| EngineError::Run("an input of the graph was not fed".into())))
             .collect::<Result<_, _>>()?;
-        let outputs = self.plan.run(inputs).map_err(run_err)?;
+        let outputs = match profile {
+            None => self.plan.run(inputs).map_err(run_err)?,
+            Some(prof) => {
+                // Time each node; tract's own evaluator does the work.
+                let mut st = self.plan.spawn().map_err(run_err)?;
+                st.run_plan_with_eval(inputs, |ctx, op_state, node, inputs| {
+                    let t0 = std::time::Instant::now();
+                    let r = tract_onnx::tract_core::plan::eval(ctx, op_state, node, inputs);
+                    prof.add(node.op.name().as_ref(), t0.elapsed());
+                    r
+                })
+                .map_err(run_err)?
+            }
+        };
         let logits = outputs[self.logits_out]
             .to_plain_array_view::<f32>()
             .map_err(run_err)?;
