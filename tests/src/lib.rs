@@ -23,8 +23,9 @@ pub fn model(name: &str) -> PathBuf {
     root().join("tests/fixtures").join(name)
 }
 
-/// The `emberd` binary of this build (cargo builds it for the workspace's tests;
-/// built on demand when a single package is tested).
+/// The `emberd` binary of this build. `cargo test --workspace` builds it
+/// (the emberd package has integration tests); testing this package alone
+/// needs a `cargo build -p emberd` first.
 pub fn emberd_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("test exe path");
     // target/<profile>/deps/<test> -> target/<profile>/emberd
@@ -33,14 +34,11 @@ pub fn emberd_bin() -> PathBuf {
         .and_then(Path::parent)
         .expect("target dir")
         .join("emberd");
-    if !bin.exists() {
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "-p", "emberd", "--bin", "emberd"])
-            .current_dir(root())
-            .status()
-            .expect("run cargo build");
-        assert!(status.success(), "building emberd failed");
-    }
+    assert!(
+        bin.exists(),
+        "{} not built: run `cargo test --workspace` or `cargo build -p emberd` first",
+        bin.display()
+    );
     bin
 }
 
