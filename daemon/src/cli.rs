@@ -385,10 +385,11 @@ pub struct EvalReport {
     pub tokens_evaluated: usize,
     /// Mean negative log-likelihood in nats.
     pub nll_per_token: f64,
-    /// Window and stride used.
-    pub window: usize,
+    /// Window and stride used (none for recurrent models, which carry their
+    /// state over the whole text).
+    pub window: Option<usize>,
     /// See `window`.
-    pub stride: usize,
+    pub stride: Option<usize>,
 }
 
 /// Perplexity of `ids` under `model`: a sliding window over the context, each
@@ -450,12 +451,13 @@ pub fn perplexity(
         }
     }
     let mean = nll / scored as f64;
+    let windowed = model.context.is_some();
     Ok(EvalReport {
         perplexity: mean.exp(),
         tokens_evaluated: scored,
         nll_per_token: mean,
-        window,
-        stride,
+        window: windowed.then_some(window),
+        stride: windowed.then_some(stride),
     })
 }
 

@@ -158,5 +158,11 @@ fn eval_reports_perplexity_over_a_sliding_window() {
         // A trained model is far better than uniform over 4096 tokens.
         assert!(ppl > 1.0 && ppl < 1000.0, "{name}: {v}");
         assert_eq!(v["tokens_evaluated"], 600, "{name}: {v}");
+        let window = if name == "kjv-gpt2" {
+            serde_json::json!(256)
+        } else {
+            Value::Null
+        };
+        assert_eq!(v["window"], window, "{name}: {v}");
     }
 }
