@@ -291,8 +291,31 @@ def sha256sums(model_dir: Path) -> None:
     (model_dir / "SHA256SUMS").write_text("".join(lines))
 
 
+class _Calibration:
+    """Calibration feeds for static quantization: a few prompts, empty cache."""
+
+    def __init__(self, path: Path, tok: Tokenizer):
+        lm = OrtLM(path)
+        self.feeds = []
+        for text in ["In the beginning God created the heaven", "And the LORD spake unto Moses, saying",
+                     "今天天气很好，"]:
+            ids = tok.encode(text).ids
+            f = {"input_ids": np.asarray([ids], np.int64), **lm.init_state()}
+            if lm.kind == "decoder":
+                f["attention_mask"] = np.ones((1, len(ids)), np.int64)
+                f["position_ids"] = np.arange(len(ids), dtype=np.int64)[None]
+            self.feeds.append(f)
+        self.it = iter(self.feeds)
+
+    def get_next(self):
+        return next(self.it, None)
+
+    def rewind(self):
+        self.it = iter(self.feeds)
+
+
 def save(model: onnx.ModelProto, out_dir: Path, tok: Tokenizer, config: dict, quant: str | None,
-         per_channel: bool = False) -> None:
+         per_channel: bool = False, static: str | None = None) -> None:
     """Write model.onnx (quantized when `quant` names the op types), tokenizer, config, goldens."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for f in out_dir.iterdir():
@@ -301,7 +324,16 @@ def save(model: onnx.ModelProto, out_dir: Path, tok: Tokenizer, config: dict, qu
     with tempfile.TemporaryDirectory() as td:
         fp32 = Path(td) / "fp32.onnx"
         onnx.save(model, fp32)
-        if quant:
+        if static:
+            from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+            fmt = {"qdq": QuantFormat.QDQ, "qoperator": QuantFormat.QOperator}[static]
+            reader = type("Reader", (_Calibration, CalibrationDataReader), {})(fp32, tok)
+            quantize_static(str(fp32), str(out_dir / "model.onnx"), reader, quant_format=fmt,
+                            op_types_to_quantize=["MatMul"], activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QInt8, per_channel=per_channel,
+                            # A quantized output layer would make logits discrete (exact ties).
+                            nodes_to_exclude=[n.name for n in model.graph.node if "logits" in n.output])
+        elif quant:
             quantize_dynamic(str(fp32), str(out_dir / "model.onnx"), weight_type=QuantType.QInt8,
                              per_channel=per_channel, op_types_to_quantize=quant.split(","))
         else:
@@ -372,8 +404,11 @@ def fixtures(out: Path, tok: Tokenizer) -> None:
     gcfg = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": vocab, "n_embd": 48,
             "n_layer": 3, "n_head": 2, "n_positions": 64, "bos_token_id": eos, "eos_token_id": eos}
     log("fixture tiny-gpt2 (fp32)")
-    save(onnx_graphs.gpt2(random_gpt2(vocab, 48, 3, 64, seed=2), 3, 2), out / "tiny-gpt2", tok, gcfg,
-         quant=None)
+    g2 = onnx_graphs.gpt2(random_gpt2(vocab, 48, 3, 64, seed=2), 3, 2)
+    save(g2, out / "tiny-gpt2", tok, gcfg, quant=None)
+    for fmt in ("qdq", "qoperator"):
+        log(f"fixture tiny-gpt2-{fmt} (static int8, {fmt})")
+        save(g2, out / f"tiny-gpt2-{fmt}", tok, gcfg, quant=None, static=fmt)
 
     # A graph whose I/O follows neither family.
     from onnx import TensorProto, helper

@@ -44,7 +44,7 @@ class G:
     def op(self, op_type: str, inputs, n_out: int = 1, hint: str | None = None, outputs=None, **attrs):
         if outputs is None:
             outputs = [self.name(hint or op_type.lower()) for _ in range(n_out)]
-        self.nodes.append(helper.make_node(op_type, list(inputs), list(outputs), **attrs))
+        self.nodes.append(helper.make_node(op_type, list(inputs), list(outputs), name=self.name(op_type), **attrs))
         return outputs[0] if len(outputs) == 1 else outputs
 
     def linear(self, x: str, w: np.ndarray, b: np.ndarray | None, hint: str) -> str:

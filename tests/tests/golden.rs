@@ -114,3 +114,13 @@ fn greedy_generation_reproduces_golden_text() {
         }
     }
 }
+
+#[test]
+fn gpt2_static_int8_qdq_matches_onnxruntime() {
+    check("tiny-gpt2-qdq", false);
+}
+
+#[test]
+fn gpt2_static_int8_qoperator_matches_onnxruntime() {
+    check("tiny-gpt2-qoperator", false);
+}
