@@ -42,6 +42,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 
 sys.path.insert(0, str(Path(__file__).parent))
 import onnx_graphs  # noqa: E402
+from ort_bench import Runner  # noqa: E402
 
 EOS = "<|endoftext|>"
 PROMPTS = {
@@ -209,43 +210,11 @@ def train(model: nn.Module, data: np.ndarray, seq: int, batch: int, steps: int, 
 
 
 # ------------------------------------------------------ onnxruntime runs ---
-class OrtLM:
-    """Prefill + step decode through onnxruntime, the way Ember's engine does it."""
-
-    def __init__(self, path: Path):
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = 1
-        self.sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        names = [i.name for i in self.sess.get_inputs()]
-        self.kind = "lstm" if "h0" in names else "decoder"
-        self.inputs = {i.name: i for i in self.sess.get_inputs()}
-        self.out_names = [o.name for o in self.sess.get_outputs()]
-
-    def init_state(self):
-        if self.kind == "lstm":
-            shp = self.inputs["h0"].shape
-            z = np.zeros((shp[0], 1, shp[2]), np.float32)
-            return {"h0": z, "c0": z.copy()}
-        st = {}
-        for n, i in self.inputs.items():
-            if n.startswith("past_key_values"):
-                st[n] = np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)
-        return st
-
-    def forward(self, ids: list[int], state: dict, past: int):
-        feeds = {"input_ids": np.asarray([ids], np.int64), **state}
-        if self.kind == "decoder":
-            feeds["attention_mask"] = np.ones((1, past + len(ids)), np.int64)
-            feeds["position_ids"] = np.arange(past, past + len(ids), dtype=np.int64)[None]
-        outs = dict(zip(self.out_names, self.sess.run(self.out_names, feeds)))
-        if self.kind == "lstm":
-            new = {"h0": outs["hn"], "c0": outs["cn"]}
-        else:
-            new = {n.replace("present", "past_key_values"): v for n, v in outs.items() if n.startswith("present")}
-        return outs["logits"][0], new
+class OrtLM(Runner):
+    """onnxruntime reference runs (one thread), with greedy goldens."""
 
     def greedy(self, ids: list[int], n: int):
-        state, past = self.init_state(), 0
+        state, past = self.fresh(), 0
         logits, state = self.forward(ids, state, past)
         past += len(ids)
         out, steps, margins = [], [], []
@@ -300,8 +269,8 @@ class _Calibration:
         for text in ["In the beginning God created the heaven", "And the LORD spake unto Moses, saying",
                      "今天天气很好，"]:
             ids = tok.encode(text).ids
-            f = {"input_ids": np.asarray([ids], np.int64), **lm.init_state()}
-            if lm.kind == "decoder":
+            f = {"input_ids": np.asarray([ids], np.int64), **lm.fresh()}
+            if not lm.lstm:
                 f["attention_mask"] = np.ones((1, len(ids)), np.int64)
                 f["position_ids"] = np.arange(len(ids), dtype=np.int64)[None]
             self.feeds.append(f)
@@ -354,7 +323,7 @@ def check_export(torch_model: nn.Module, onnx_model: onnx.ModelProto, ids: np.nd
         p = Path(td) / "m.onnx"
         onnx.save(onnx_model, p)
         lm = OrtLM(p)
-        ours, _ = lm.forward(ids.tolist(), lm.init_state(), 0)
+        ours, _ = lm.forward(ids.tolist(), lm.fresh(), 0)
     with torch.no_grad():
         ref = torch_model(torch.from_numpy(ids)[None])[0].numpy()
     err = np.abs(ours - ref).max()

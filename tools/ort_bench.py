@@ -35,13 +35,17 @@ def prompt_ids(tok: Tokenizer, n: int) -> list[int]:
 
 
 class Runner:
-    def __init__(self, model_dir: Path, threads: int):
+    """Prefill + step decode through onnxruntime, feeding back the KV cache or
+    LSTM state the way Ember's engine does. Also used by tools/demo_models.py."""
+
+    def __init__(self, model: Path, threads: int = 1):
+        path = model / "model.onnx" if model.is_dir() else model
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.sess = ort.InferenceSession(str(model_dir / "model.onnx"), so, providers=["CPUExecutionProvider"])
+        self.sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         self.inputs = {i.name: i for i in self.sess.get_inputs()}
         self.outputs = [o.name for o in self.sess.get_outputs()]
         self.lstm = "h0" in self.inputs
@@ -55,6 +59,7 @@ class Runner:
                 for n, i in self.inputs.items() if n.startswith("past_key_values")}
 
     def forward(self, ids: list[int], state: dict, past: int):
+        """Logits of every position ([len(ids), vocab]) and the new state."""
         feeds = {"input_ids": np.asarray([ids], np.int64), **state}
         if "attention_mask" in self.inputs:
             feeds["attention_mask"] = np.ones((1, past + len(ids)), np.int64)
@@ -65,7 +70,7 @@ class Runner:
             new = {"h0": out["hn"], "c0": out["cn"]}
         else:
             new = {k.replace("present", "past_key_values"): v for k, v in out.items() if k.startswith("present")}
-        return out["logits"][0, -1], new
+        return out["logits"][0], new
 
 
 def main() -> None:
@@ -86,13 +91,13 @@ def main() -> None:
         t0 = time.perf_counter()
         logits, state = r.forward(ids, r.fresh(), 0)
         t1 = time.perf_counter()
-        nxt = int(np.argmax(logits))
+        nxt = int(np.argmax(logits[-1]))
         t2 = time.perf_counter()
         past = len(ids)
         for _ in range(a.gen_tokens - 1):
             logits, state = r.forward([nxt], state, past)
             past += 1
-            nxt = int(np.argmax(logits))
+            nxt = int(np.argmax(logits[-1]))
         t3 = time.perf_counter()
         prefill.append((t1 - t0) * 1e3)
         ttft.append((t2 - t0) * 1e3)
