@@ -159,6 +159,10 @@ pub fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    tracing::info!(
+        isa = ember_kernels::kernels().isa.name(),
+        "ember-kernels in use"
+    );
     match cli.command {
         Command::Generate(a) => cmd_generate(a),
         Command::Bench(a) => cmd_bench(a),

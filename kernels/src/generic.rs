@@ -1,6 +1,19 @@
 //! Scalar reference implementations. Always compiled; every SIMD kernel is
 //! tested against these.
 
+/// Longest dot product whose i32 sum cannot overflow (255 · 128 · 2^16 < 2^31).
+pub const MAX_DOT_LEN: usize = 1 << 16;
+
+/// Σ a[i]·b[i] of u8 activations and i8 weights, exact in i32.
+pub fn dot_u8i8(a: &[u8], b: &[i8]) -> i32 {
+    assert_eq!(a.len(), b.len(), "dot product of unequal lengths");
+    assert!(
+        a.len() <= MAX_DOT_LEN,
+        "dot product longer than MAX_DOT_LEN"
+    );
+    a.iter().zip(b).map(|(&x, &w)| x as i32 * w as i32).sum()
+}
+
 /// Index of the largest value, the lowest index on ties; 0 for an empty slice.
 /// NaNs are never selected unless every value is NaN.
 pub fn argmax(x: &[f32]) -> usize {
@@ -13,29 +26,38 @@ pub fn argmax(x: &[f32]) -> usize {
     best
 }
 
-/// `(max, ln Σ exp(x))`, computed stably (accumulated in f64).
-pub fn log_sum_exp(x: &[f32]) -> (f32, f32) {
+/// (max, Σ exp(x - max)), the sum accumulated in f64.
+fn max_and_sum(x: &[f32]) -> (f32, f64) {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     if max == f32::NEG_INFINITY {
+        return (max, 0.0);
+    }
+    (max, x.iter().map(|&v| ((v - max) as f64).exp()).sum())
+}
+
+/// `(max, ln Σ exp(x))`, computed stably (accumulated in f64).
+pub fn log_sum_exp(x: &[f32]) -> (f32, f32) {
+    let (max, sum) = max_and_sum(x);
+    if sum == 0.0 {
         return (max, max);
     }
-    let sum: f64 = x.iter().map(|&v| ((v - max) as f64).exp()).sum();
     (max, max + sum.ln() as f32)
 }
 
 /// Replace logits by probabilities.
 pub fn softmax_inplace(x: &mut [f32]) {
-    let (_, lz) = log_sum_exp(x);
+    let (max, sum) = max_and_sum(x);
     for v in x.iter_mut() {
-        *v = (*v - lz).exp();
+        *v = (((*v - max) as f64).exp() / sum) as f32;
     }
 }
 
 /// Replace logits by log-probabilities.
 pub fn log_softmax_inplace(x: &mut [f32]) {
-    let (_, lz) = log_sum_exp(x);
+    let (max, sum) = max_and_sum(x);
+    let ln = sum.ln() as f32;
     for v in x.iter_mut() {
-        *v -= lz;
+        *v = (*v - max) - ln;
     }
 }
 

@@ -1,0 +1,119 @@
+//! Quantization with onnxruntime's semantics.
+
+/// Round half to even, as ONNX's quantization ops specify.
+fn round_even(x: f32) -> f32 {
+    x.round_ties_even()
+}
+
+/// Quantize `x` to u8 like ONNX `DynamicQuantizeLinear`: the range is widened
+/// to include 0, `scale = (max - min) / 255`, `zero_point = round(-min / scale)`
+/// clamped to [0, 255], `q = clamp(round(x / scale) + zero_point)`, rounding
+/// half to even. Returns `(scale, zero_point)`; an all-zero input gives scale 0
+/// and all-zero output (onnxruntime's behaviour).
+pub fn dynamic_quantize_u8(x: &[f32], q: &mut [u8]) -> (f32, u8) {
+    assert_eq!(x.len(), q.len(), "input and output lengths differ");
+    let (mut lo, mut hi) = (0f32, 0f32);
+    for &v in x {
+        lo = lo.min(v);
+        hi = hi.max(v);
+    }
+    let scale = (hi - lo) / 255.0;
+    if scale == 0.0 {
+        q.fill(0);
+        return (0.0, 0);
+    }
+    let zp = round_even((0.0 - lo) / scale).clamp(0.0, 255.0);
+    for (o, &v) in q.iter_mut().zip(x) {
+        *o = (round_even(v / scale) + zp).clamp(0.0, 255.0) as u8;
+    }
+    (scale, zp as u8)
+}
+
+/// Per-row symmetric int8 weight quantization: row `r` of `w` (`rows × cols`,
+/// row-major) becomes `q[r] = round(w[r] / s[r])` with `s[r] = max|w[r]| / 127`.
+pub fn quantize_rows_i8(w: &[f32], cols: usize, q: &mut [i8], scales: &mut [f32]) {
+    assert!(
+        cols > 0 && w.len().is_multiple_of(cols),
+        "weights are not rows of {cols}"
+    );
+    assert_eq!(w.len(), q.len());
+    assert_eq!(w.len() / cols, scales.len());
+    for ((row, qrow), s) in w
+        .chunks(cols)
+        .zip(q.chunks_mut(cols))
+        .zip(scales.iter_mut())
+    {
+        let max = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+        *s = if max > 0.0 { max / 127.0 } else { 0.0 };
+        for (o, &v) in qrow.iter_mut().zip(row) {
+            *o = if *s > 0.0 {
+                round_even(v / *s).clamp(-127.0, 127.0) as i8
+            } else {
+                0
+            };
+        }
+    }
+}
+
+/// `(q - zero_point) · scale`.
+pub fn dequantize_u8(q: &[u8], scale: f32, zero_point: u8, out: &mut [f32]) {
+    assert_eq!(q.len(), out.len());
+    for (o, &v) in out.iter_mut().zip(q) {
+        *o = (v as i32 - zero_point as i32) as f32 * scale;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn dynamic_quantize_matches_the_onnx_reference_example() {
+        // The example of the ONNX operator documentation for DynamicQuantizeLinear.
+        let x = [0.0f32, 2.0, -3.0, -2.5, 1.34, 0.5];
+        let mut q = [0u8; 6];
+        let (scale, zp) = dynamic_quantize_u8(&x, &mut q);
+        assert!((scale - 0.019_607_844).abs() < 1e-9, "{scale}");
+        assert_eq!(zp, 153);
+        assert_eq!(q, [153, 255, 0, 26, 221, 179]); // 0.5 / scale = 25.5 rounds to even 26
+        let x = [-1.0f32, -2.1, -1.3, -2.5, -3.34, -4.0];
+        let (scale, zp) = dynamic_quantize_u8(&x, &mut q);
+        assert!((scale - 0.015_686_275).abs() < 1e-9, "{scale}");
+        assert_eq!(zp, 255);
+        assert_eq!(q, [191, 121, 172, 96, 42, 0]);
+    }
+
+    proptest! {
+        #[test]
+        fn dequantized_values_are_within_half_a_step(x in proptest::collection::vec(-50f32..50.0, 1..200)) {
+            let mut q = vec![0u8; x.len()];
+            let (scale, zp) = dynamic_quantize_u8(&x, &mut q);
+            let mut back = vec![0f32; x.len()];
+            dequantize_u8(&q, scale, zp, &mut back);
+            for (a, b) in x.iter().zip(&back) {
+                prop_assert!((a - b).abs() <= scale * 0.5 + scale * 1e-3 + 1e-6, "{a} -> {b} (scale {scale})");
+            }
+        }
+
+        #[test]
+        fn row_quantization_keeps_each_row_within_half_a_step(w in proptest::collection::vec(-2f32..2.0, 12..=12)) {
+            let mut q = vec![0i8; 12];
+            let mut s = vec![0f32; 3];
+            quantize_rows_i8(&w, 4, &mut q, &mut s);
+            for r in 0..3 {
+                for c in 0..4 {
+                    let back = q[r * 4 + c] as f32 * s[r];
+                    prop_assert!((back - w[r * 4 + c]).abs() <= s[r] * 0.5 + 1e-6);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn all_zero_input_gives_zero_scale() {
+        let mut q = [7u8; 3];
+        assert_eq!(dynamic_quantize_u8(&[0.0; 3], &mut q), (0.0, 0));
+        assert_eq!(q, [0, 0, 0]);
+    }
+}
