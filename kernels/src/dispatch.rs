@@ -38,7 +38,7 @@ impl Isa {
 pub struct Kernels {
     /// The most capable instruction set in use.
     pub isa: Isa,
-    /// Σ a[i]·b[i] over u8 activations and i8 weights, exact in i32.
+    /// `Σ a[i]·b[i]` over u8 activations and i8 weights, exact in i32.
     pub dot_u8i8: fn(&[u8], &[i8]) -> i32,
 }
 

@@ -4,7 +4,7 @@
 /// Longest dot product whose i32 sum cannot overflow (255 · 128 · 2^16 < 2^31).
 pub const MAX_DOT_LEN: usize = 1 << 16;
 
-/// Σ a[i]·b[i] of u8 activations and i8 weights, exact in i32.
+/// `Σ a[i]·b[i]` of u8 activations and i8 weights, exact in i32.
 pub fn dot_u8i8(a: &[u8], b: &[i8]) -> i32 {
     assert_eq!(a.len(), b.len(), "dot product of unequal lengths");
     assert!(
