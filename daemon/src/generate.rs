@@ -191,27 +191,17 @@ impl Generation {
         let sampled = self.sampler.sample(logits);
         let tok = &model.tokenizer;
         if self.eos.contains(&sampled.token) {
-            let text = self.flush(tok)?;
-            return Ok(self.end(sampled, text, FinishReason::Eos));
+            return self.finish_with(tok, sampled, String::new(), FinishReason::Eos);
         }
         let piece = self.detok.push(tok, sampled.token)?.unwrap_or_default();
-        let mut text = match self.stops.push(&piece) {
+        let text = match self.stops.push(&piece) {
             StopCheck::Stop(text) => return Ok(self.end(sampled, text, FinishReason::Stop)),
             StopCheck::Continue(text) => text,
         };
         let n = self.detok.ids().len();
         // Validation in `new` guarantees prompt + max_tokens fits the context.
         if n >= self.params.max_tokens {
-            // The last token may complete a stop sequence only with the held text;
-            // flush what is left and end on length.
-            match self.flush_checked(tok)? {
-                (rest, true) => {
-                    text.push_str(&rest);
-                    return Ok(self.end(sampled, text, FinishReason::Stop));
-                }
-                (rest, false) => text.push_str(&rest),
-            }
-            return Ok(self.end(sampled, text, FinishReason::Length));
+            return self.finish_with(tok, sampled, text, FinishReason::Length);
         }
         Ok(Step {
             sampled,
@@ -229,23 +219,29 @@ impl Generation {
         }
     }
 
-    /// Remaining held text: incomplete characters, then text held for stop matching.
-    fn flush(&mut self, tok: &crate::text::Tokenizer) -> Result<String, EngineError> {
-        Ok(self.flush_checked(tok)?.0)
-    }
-
-    fn flush_checked(
+    /// End the request: release the text still held back (an incomplete
+    /// character, then text held for stop matching). If that tail completes a
+    /// stop sequence the request ends on `stop` instead of `why`.
+    fn finish_with(
         &mut self,
         tok: &crate::text::Tokenizer,
-    ) -> Result<(String, bool), EngineError> {
+        sampled: Sampled,
+        mut text: String,
+        why: FinishReason,
+    ) -> Result<Step, EngineError> {
         let tail = self.detok.finish(tok)?;
-        Ok(match self.stops.push(&tail) {
-            StopCheck::Stop(text) => (text, true),
-            StopCheck::Continue(mut text) => {
-                text.push_str(&self.stops.flush());
-                (text, false)
+        let why = match self.stops.push(&tail) {
+            StopCheck::Stop(rest) => {
+                text.push_str(&rest);
+                FinishReason::Stop
             }
-        })
+            StopCheck::Continue(rest) => {
+                text.push_str(&rest);
+                text.push_str(&self.stops.flush());
+                why
+            }
+        };
+        Ok(self.end(sampled, text, why))
     }
 }
 

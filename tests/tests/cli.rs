@@ -90,6 +90,38 @@ fn stop_sequence_ends_generation_and_is_not_printed() {
     ]));
     assert_eq!(v["text"], ", and the ");
     assert_eq!(v["finish_reason"], "stop");
+    // Text held back as a possible stop prefix is released when max_tokens ends the request.
+    let v = json(emberd(&[
+        "generate",
+        "--model",
+        d,
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "3",
+        "--stop",
+        "the LORDX",
+        "--json",
+        "In the beginning God created",
+    ]));
+    assert_eq!(v["text"], ", and the");
+    assert_eq!(v["finish_reason"], "length");
+    // A stop completed by the last allowed token still reports `stop`.
+    let v = json(emberd(&[
+        "generate",
+        "--model",
+        d,
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "3",
+        "--stop",
+        " the",
+        "--json",
+        "In the beginning God created",
+    ]));
+    assert_eq!(v["text"], ", and");
+    assert_eq!(v["finish_reason"], "stop");
 }
 
 #[test]
