@@ -14,6 +14,7 @@
 //!   [`Kernels::generic`] then each architecture's `plug`, according to the
 //!   CPU's features and the `EMBER_CPU` override.
 
+pub mod gemv;
 pub mod generic;
 pub mod quant;
 
