@@ -75,53 +75,37 @@ fn seeded_sampling_is_reproducible() {
 #[test]
 fn stop_sequence_ends_generation_and_is_not_printed() {
     let d = model("kjv-gpt2");
-    let d = d.to_str().unwrap();
     // Greedy output is ", and the LORD, and the LORD, ..." (see golden.json).
-    let v = json(emberd(&[
-        "generate",
-        "--model",
-        d,
-        "--temperature",
-        "0",
-        "--stop",
-        "LORD",
-        "--json",
-        "In the beginning God created",
-    ]));
-    assert_eq!(v["text"], ", and the ");
-    assert_eq!(v["finish_reason"], "stop");
+    let greedy = |max_tokens: &str, stop: &str| {
+        let args = [
+            "generate",
+            "--model",
+            d.to_str().unwrap(),
+            "--temperature",
+            "0",
+            "--json",
+        ];
+        let more = [
+            "--max-tokens",
+            max_tokens,
+            "--stop",
+            stop,
+            "In the beginning God created",
+        ];
+        let v = json(emberd(&[&args[..], &more[..]].concat()));
+        (
+            v["text"].as_str().unwrap().to_string(),
+            v["finish_reason"].as_str().unwrap().to_string(),
+        )
+    };
+    assert_eq!(greedy("128", "LORD"), (", and the ".into(), "stop".into()));
     // Text held back as a possible stop prefix is released when max_tokens ends the request.
-    let v = json(emberd(&[
-        "generate",
-        "--model",
-        d,
-        "--temperature",
-        "0",
-        "--max-tokens",
-        "3",
-        "--stop",
-        "the LORDX",
-        "--json",
-        "In the beginning God created",
-    ]));
-    assert_eq!(v["text"], ", and the");
-    assert_eq!(v["finish_reason"], "length");
+    assert_eq!(
+        greedy("3", "the LORDX"),
+        (", and the".into(), "length".into())
+    );
     // A stop completed by the last allowed token still reports `stop`.
-    let v = json(emberd(&[
-        "generate",
-        "--model",
-        d,
-        "--temperature",
-        "0",
-        "--max-tokens",
-        "3",
-        "--stop",
-        " the",
-        "--json",
-        "In the beginning God created",
-    ]));
-    assert_eq!(v["text"], ", and");
-    assert_eq!(v["finish_reason"], "stop");
+    assert_eq!(greedy("3", " the"), (", and".into(), "stop".into()));
 }
 
 #[test]
