@@ -213,21 +213,7 @@ impl Sampler {
         };
         let mut top = TopLogprobs::new();
         if let Some(n) = self.params.logprobs.filter(|&n| n > 0) {
-            let mut heap: BinaryHeap<Cand, Min, MAX_LOGPROBS> = BinaryHeap::new();
-            // A min-heap of the n best seen so far: its top is the weakest, evicted first.
-            for (id, &l) in logits.iter().enumerate() {
-                let c = Cand {
-                    score: l,
-                    id: id as u32,
-                };
-                if heap.len() < n {
-                    let _ = heap.push(c);
-                } else if heap.peek().is_some_and(|worst| c > *worst) {
-                    heap.pop();
-                    let _ = heap.push(c);
-                }
-            }
-            let mut best: heapless::Vec<Cand, MAX_LOGPROBS> = heap.into_vec().into_iter().collect();
+            let mut best = top_n::<MAX_LOGPROBS>(logits, n).into_vec();
             best.sort_unstable_by(|a, b| b.cmp(a));
             for c in best {
                 let _ = top.push((c.id, c.score - log_z));
@@ -272,20 +258,8 @@ impl Sampler {
         let p = self.params.clone();
         self.cands.clear();
         if p.top_k > 0 && p.top_k <= TOP_K_HEAP {
-            let mut heap: BinaryHeap<Cand, Min, TOP_K_HEAP> = BinaryHeap::new();
-            for (id, &l) in logits.iter().enumerate() {
-                let c = Cand {
-                    score: l,
-                    id: id as u32,
-                };
-                if heap.len() < p.top_k {
-                    let _ = heap.push(c);
-                } else if heap.peek().is_some_and(|worst| c > *worst) {
-                    heap.pop();
-                    let _ = heap.push(c);
-                }
-            }
-            self.cands.extend(heap.into_vec());
+            self.cands
+                .extend(top_n::<TOP_K_HEAP>(logits, p.top_k).into_vec());
         } else {
             self.cands
                 .extend(logits.iter().enumerate().map(|(id, &l)| Cand {
@@ -338,6 +312,26 @@ impl Sampler {
         }
         self.cands.last().map_or(0, |c| c.id)
     }
+}
+
+/// The `n` (≤ `N`) best candidates of a logit row, in a fixed-capacity heap.
+fn top_n<const N: usize>(logits: &[f32], n: usize) -> BinaryHeap<Cand, Min, N> {
+    debug_assert!(n <= N);
+    // A min-heap of the n best seen so far: its top is the weakest, evicted first.
+    let mut heap = BinaryHeap::new();
+    for (id, &score) in logits.iter().enumerate() {
+        let c = Cand {
+            score,
+            id: id as u32,
+        };
+        if heap.len() < n {
+            let _ = heap.push(c);
+        } else if heap.peek().is_some_and(|worst| c > *worst) {
+            heap.pop();
+            let _ = heap.push(c);
+        }
+    }
+    heap
 }
 
 /// Index of the largest logit, lowest index on ties.
