@@ -159,6 +159,13 @@ pub fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    if let ember_kernels::CpuOverride::Unknown(v) = ember_kernels::cpu_override() {
+        let known: Vec<&str> = ember_kernels::Isa::ALL.iter().map(|i| i.name()).collect();
+        tracing::warn!(
+            "EMBER_CPU={v} names no kernel level ({}); ignored",
+            known.join(", ")
+        );
+    }
     tracing::info!(
         isa = ember_kernels::kernels().isa.name(),
         "ember-kernels in use"

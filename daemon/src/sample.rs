@@ -10,11 +10,9 @@
 //!
 //! The sampler allocates once per request (its candidate buffer and the token
 //! counts); [`Sampler::sample`] itself never allocates. Top-k selection and the
-//! top-n logprobs use fixed-capacity `heapless` heaps.
+//! top-n logprobs use `ember_kernels::topk` (a fixed-capacity `heapless` heap).
 
-use std::cmp::Ordering;
-
-use heapless::binary_heap::{BinaryHeap, Min};
+use ember_kernels::topk::{top_k, Cand};
 use rand_chacha::rand_core::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -123,33 +121,6 @@ impl SamplingParams {
     }
 }
 
-/// One candidate token: logit (or probability) and id.
-#[derive(Debug, Clone, Copy)]
-struct Cand {
-    score: f32,
-    id: u32,
-}
-
-// Orders by score, then prefers the lower id, so "greater" means "better".
-impl Ord for Cand {
-    fn cmp(&self, other: &Self) -> Ordering {
-        self.score
-            .total_cmp(&other.score)
-            .then_with(|| other.id.cmp(&self.id))
-    }
-}
-impl PartialOrd for Cand {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl PartialEq for Cand {
-    fn eq(&self, other: &Self) -> bool {
-        self.cmp(other) == Ordering::Equal
-    }
-}
-impl Eq for Cand {}
-
 /// The top-n alternatives of one step, best first: (token id, logprob).
 pub type TopLogprobs = heapless::Vec<(u32, f32), MAX_LOGPROBS>;
 
@@ -213,9 +184,7 @@ impl Sampler {
         };
         let mut top = TopLogprobs::new();
         if let Some(n) = self.params.logprobs.filter(|&n| n > 0) {
-            let mut best = top_n::<MAX_LOGPROBS>(logits, n).into_vec();
-            best.sort_unstable_by(|a, b| b.cmp(a));
-            for c in best {
+            for c in top_k::<MAX_LOGPROBS>(logits, n) {
                 let _ = top.push((c.id, c.score - log_z));
             }
         }
@@ -258,8 +227,7 @@ impl Sampler {
         let p = self.params.clone();
         self.cands.clear();
         if p.top_k > 0 && p.top_k <= TOP_K_HEAP {
-            self.cands
-                .extend(top_n::<TOP_K_HEAP>(logits, p.top_k).into_vec());
+            self.cands.extend(top_k::<TOP_K_HEAP>(logits, p.top_k));
         } else {
             self.cands
                 .extend(logits.iter().enumerate().map(|(id, &l)| Cand {
@@ -267,8 +235,8 @@ impl Sampler {
                     id: id as u32,
                 }));
         }
-        // Best first, for the cuts; the heap's output is sorted too so the draw never
-        // depends on the heap's internal layout.
+        // Best first, for the cuts (`top_k` already returns them so; the full row
+        // needs the sort).
         if p.top_k > 0 || p.top_p < 1.0 {
             self.cands.sort_unstable_by(|a, b| b.cmp(a));
         }
@@ -312,26 +280,6 @@ impl Sampler {
         }
         self.cands.last().map_or(0, |c| c.id)
     }
-}
-
-/// The `n` (≤ `N`) best candidates of a logit row, in a fixed-capacity heap.
-fn top_n<const N: usize>(logits: &[f32], n: usize) -> BinaryHeap<Cand, Min, N> {
-    debug_assert!(n <= N);
-    // A min-heap of the n best seen so far: its top is the weakest, evicted first.
-    let mut heap = BinaryHeap::new();
-    for (id, &score) in logits.iter().enumerate() {
-        let c = Cand {
-            score,
-            id: id as u32,
-        };
-        if heap.len() < n {
-            let _ = heap.push(c);
-        } else if heap.peek().is_some_and(|worst| c > *worst) {
-            heap.pop();
-            let _ = heap.push(c);
-        }
-    }
-    heap
 }
 
 /// Index of the largest logit, lowest index on ties.

@@ -2,7 +2,7 @@
 //! `cargo bench -p ember-kernels --bench dot`; throughput is weight bytes streamed.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use ember_kernels::{Isa, Kernels};
+use ember_kernels::Kernels;
 
 fn dot(c: &mut Criterion) {
     let mut g = c.benchmark_group("dot_u8i8");
@@ -10,12 +10,8 @@ fn dot(c: &mut Criterion) {
         let a: Vec<u8> = (0..n).map(|i| (i * 7 % 256) as u8).collect();
         let b: Vec<i8> = (0..n).map(|i| (i * 13 % 256) as u8 as i8).collect();
         g.throughput(Throughput::Bytes(n as u64));
-        for isa in [Isa::Generic, Isa::Avx2, Isa::Avx512Vnni] {
-            let k = Kernels::detect(isa);
-            if k.isa != isa {
-                continue; // this CPU lacks it
-            }
-            g.bench_with_input(BenchmarkId::new(isa.name(), n), &n, |bch, _| {
+        for k in Kernels::all_available() {
+            g.bench_with_input(BenchmarkId::new(k.isa.name(), n), &n, |bch, _| {
                 bch.iter(|| (k.dot_u8i8)(std::hint::black_box(&a), std::hint::black_box(&b)))
             });
         }

@@ -4,11 +4,18 @@ use std::sync::OnceLock;
 
 use crate::generic;
 
-/// Instruction-set levels Ember has kernels for, in increasing order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+/// Instruction-set levels Ember has kernels for. Within one architecture the
+/// later variant implies the earlier ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Isa {
     /// Scalar Rust: every CPU.
     Generic,
+    /// Arm NEON without the dot-product extension: Cortex-A53/A72 (Raspberry
+    /// Pi 3/4) in 64-bit mode, and any NEON core in 32-bit (armv7) mode.
+    Neon,
+    /// aarch64 NEON with `sdot` (Armv8.2 dotprod): Cortex-A76 (Raspberry Pi 5),
+    /// Cortex-A78AE (Jetson Orin).
+    NeonDot,
     /// x86_64 AVX2 + FMA (Haswell and later, Zen).
     Avx2,
     /// x86_64 AVX-512 with VNNI (`vpdpbusd`): Ice Lake, Zen 4 and later.
@@ -16,10 +23,21 @@ pub enum Isa {
 }
 
 impl Isa {
+    /// Every level, in the order of the enum.
+    pub const ALL: [Isa; 5] = [
+        Isa::Generic,
+        Isa::Neon,
+        Isa::NeonDot,
+        Isa::Avx2,
+        Isa::Avx512Vnni,
+    ];
+
     /// Name as accepted by `EMBER_CPU`.
     pub fn name(self) -> &'static str {
         match self {
             Isa::Generic => "generic",
+            Isa::Neon => "neon",
+            Isa::NeonDot => "neon-dotprod",
             Isa::Avx2 => "avx2",
             Isa::Avx512Vnni => "avx512vnni",
         }
@@ -27,11 +45,59 @@ impl Isa {
 
     /// Parse an `EMBER_CPU` value.
     pub fn parse(s: &str) -> Option<Isa> {
-        [Isa::Generic, Isa::Avx2, Isa::Avx512Vnni]
-            .into_iter()
-            .find(|i| i.name() == s)
+        Isa::ALL.into_iter().find(|i| i.name() == s)
+    }
+
+    fn family(self) -> u8 {
+        match self {
+            Isa::Generic => 0,
+            Isa::Neon | Isa::NeonDot => 1,
+            Isa::Avx2 | Isa::Avx512Vnni => 2,
+        }
+    }
+
+    /// Whether a cap of `self` permits kernels of level `isa`: the generic
+    /// level always, otherwise levels of the same architecture up to `self`.
+    pub fn allows(self, isa: Isa) -> bool {
+        isa == Isa::Generic || (self.family() == isa.family() && isa <= self)
+    }
+
+    /// The highest level of this build's architecture (the default cap).
+    pub fn highest() -> Isa {
+        if cfg!(target_arch = "x86_64") {
+            Isa::Avx512Vnni
+        } else if cfg!(target_arch = "aarch64") {
+            Isa::NeonDot
+        } else if cfg!(target_arch = "arm") {
+            Isa::Neon
+        } else {
+            Isa::Generic
+        }
     }
 }
+
+/// Rows of a tile: the micro-kernel computes this many weight rows at once.
+pub const TILE_ROWS: usize = 4;
+/// Activation vectors a micro-kernel call takes at most.
+pub const TILE_ACTS: usize = 4;
+
+/// Four consecutive rows of a packed weight matrix, as a micro-kernel reads them.
+#[derive(Debug, Clone, Copy)]
+pub struct Rows4<'a> {
+    /// Row `r` starts at `r * stride`; at least `3 * stride + n` bytes, `n`
+    /// being the activations' length. Bytes past `n` in a row are ignored.
+    pub data: &'a [i8],
+    /// Distance between rows, in bytes (≥ `n`).
+    pub stride: usize,
+    /// `Σ data[r][..n]` for each row: kernels that work on activations shifted
+    /// to i8 (`x − 128`, the Arm paths) add `128 · sum` back.
+    pub sums: [i32; TILE_ROWS],
+}
+
+/// The micro-kernel: exact `Σ x[c] · w[r][c]` for up to four u8 activation
+/// vectors (`xs`, equal lengths) against four weight rows. Result `[a][r]`;
+/// lanes for absent activations are zero.
+pub type TileFn = fn(&[&[u8]], Rows4) -> [[i32; TILE_ROWS]; TILE_ACTS];
 
 /// Function pointers to the best kernels for this CPU.
 #[derive(Debug, Clone, Copy)]
@@ -40,6 +106,10 @@ pub struct Kernels {
     pub isa: Isa,
     /// `Σ a[i]·b[i]` over u8 activations and i8 weights, exact in i32.
     pub dot_u8i8: fn(&[u8], &[i8]) -> i32,
+    /// `Σ a[i]·b[i]` over i8 (symmetrically quantized) operands, exact in i32.
+    pub dot_i8i8: fn(&[i8], &[i8]) -> i32,
+    /// The GEMV/GEMM micro-kernel, see [`TileFn`].
+    pub tile_u8i8: TileFn,
 }
 
 impl Kernels {
@@ -48,30 +118,70 @@ impl Kernels {
         Kernels {
             isa: Isa::Generic,
             dot_u8i8: generic::dot_u8i8,
+            dot_i8i8: generic::dot_i8i8,
+            tile_u8i8: generic::tile_u8i8,
         }
     }
 
-    /// The best table for this CPU, using nothing above `limit`.
+    /// The best table for this CPU, using nothing `limit` does not allow.
     pub fn detect(limit: Isa) -> Kernels {
         #[allow(unused_mut)]
         let mut k = Kernels::generic();
         #[cfg(target_arch = "x86_64")]
         crate::x86_64::plug(&mut k, limit);
+        #[cfg(target_arch = "aarch64")]
+        crate::aarch64::plug(&mut k, limit);
+        #[cfg(target_arch = "arm")]
+        crate::arm::plug(&mut k, limit);
         let _ = limit;
         k
+    }
+
+    /// One table per level this machine can run, lowest first (for tests and
+    /// benches that compare paths).
+    pub fn all_available() -> Vec<Kernels> {
+        let mut v: Vec<Kernels> = Vec::new();
+        for isa in Isa::ALL {
+            let k = Kernels::detect(isa);
+            if k.isa == isa {
+                v.push(k);
+            }
+        }
+        v
+    }
+}
+
+/// How `EMBER_CPU` was interpreted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CpuOverride {
+    /// Not set: full detection.
+    None,
+    /// A known level caps the choice.
+    Cap(Isa),
+    /// Set to a value that names no level: ignored (full detection).
+    Unknown(String),
+}
+
+/// The `EMBER_CPU` setting.
+pub fn cpu_override() -> CpuOverride {
+    match std::env::var("EMBER_CPU") {
+        Err(_) => CpuOverride::None,
+        Ok(v) => Isa::parse(&v).map_or(CpuOverride::Unknown(v), CpuOverride::Cap),
     }
 }
 
 /// The process-wide table: the best this CPU runs, capped by `EMBER_CPU`
-/// (`generic`, `avx2`, `avx512vnni`) when set. An unknown `EMBER_CPU` value
-/// falls back to full detection; [`Kernels::isa`] tells what was chosen.
+/// (`generic`, `neon`, `neon-dotprod`, `avx2`, `avx512vnni`) when set. A level
+/// of another architecture caps to `generic`; an unknown value is ignored
+/// ([`cpu_override`] tells, so the daemon can warn); [`Kernels::isa`] names
+/// what was chosen.
 pub fn kernels() -> &'static Kernels {
     static TABLE: OnceLock<Kernels> = OnceLock::new();
     TABLE.get_or_init(|| {
-        let limit = std::env::var("EMBER_CPU")
-            .ok()
-            .and_then(|v| Isa::parse(&v))
-            .unwrap_or(Isa::Avx512Vnni);
+        let limit = match cpu_override() {
+            CpuOverride::Cap(isa) => isa,
+            _ => Isa::highest(),
+        };
         Kernels::detect(limit)
     })
 }
@@ -85,7 +195,7 @@ mod tests {
     /// without it, the CPU's own flags from /proc/cpuinfo say what to expect.
     #[test]
     fn expected_cpu_features_are_detected() {
-        let got = Kernels::detect(Isa::Avx512Vnni).isa;
+        let got = Kernels::detect(Isa::highest()).isa;
         let expected = match std::env::var("EMBER_EXPECT_ISA") {
             Ok(v) => {
                 Isa::parse(&v).unwrap_or_else(|| panic!("EMBER_EXPECT_ISA={v} is not a known ISA"))
@@ -103,25 +213,50 @@ mod tests {
 
     fn expected_from_cpuinfo() -> Isa {
         let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        // x86 says "flags", Arm says "Features".
         let flags: Vec<&str> = info
             .lines()
-            .find(|l| l.starts_with("flags"))
-            .map(|l| l.split_whitespace().collect())
+            .find(|l| l.starts_with("flags") || l.starts_with("Features"))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, f)| f.split_whitespace().collect())
             .unwrap_or_default();
         let has = |f: &str| flags.contains(&f);
-        if cfg!(target_arch = "x86_64") && has("avx512f") && has("avx512bw") && has("avx512_vnni") {
-            Isa::Avx512Vnni
-        } else if cfg!(target_arch = "x86_64") && has("avx2") && has("fma") {
-            Isa::Avx2
-        } else {
-            Isa::Generic
+        if cfg!(target_arch = "x86_64") {
+            if has("avx512f") && has("avx512bw") && has("avx512_vnni") {
+                return Isa::Avx512Vnni;
+            }
+            if has("avx2") && has("fma") {
+                return Isa::Avx2;
+            }
         }
+        if cfg!(target_arch = "aarch64") {
+            if has("asimddp") {
+                return Isa::NeonDot;
+            }
+            if has("asimd") {
+                return Isa::Neon;
+            }
+        }
+        if cfg!(target_arch = "arm") && has("neon") {
+            return Isa::Neon;
+        }
+        Isa::Generic
     }
 
     #[test]
     fn a_limit_caps_the_choice() {
         assert_eq!(Kernels::detect(Isa::Generic).isa, Isa::Generic);
         assert!(Kernels::detect(Isa::Avx2).isa <= Isa::Avx2);
+        assert!(Kernels::detect(Isa::Neon).isa <= Isa::Neon);
+        // A level of another architecture allows only the generic kernels.
+        assert!(Isa::Neon.allows(Isa::Generic));
+        assert!(!Isa::Neon.allows(Isa::Avx2));
+        assert!(!Isa::Avx512Vnni.allows(Isa::NeonDot));
+        assert!(Isa::Avx512Vnni.allows(Isa::Avx2));
+        assert!(!Isa::Avx2.allows(Isa::Avx512Vnni));
+        for isa in Isa::ALL {
+            assert_eq!(Isa::parse(isa.name()), Some(isa));
+        }
     }
 
     #[test]
@@ -129,13 +264,11 @@ mod tests {
         let a: Vec<u8> = (0..1000).map(|i| (i * 7 % 256) as u8).collect();
         let b: Vec<i8> = (0..1000).map(|i| (i * 13 % 256) as u8 as i8).collect();
         let want = generic::dot_u8i8(&a, &b);
-        for isa in [Isa::Generic, Isa::Avx2, Isa::Avx512Vnni] {
-            assert_eq!(
-                (Kernels::detect(isa).dot_u8i8)(&a, &b),
-                want,
-                "{}",
-                isa.name()
-            );
+        let ai: Vec<i8> = a.iter().map(|&v| v as i8).collect();
+        let want_i = generic::dot_i8i8(&ai, &b);
+        for k in Kernels::all_available() {
+            assert_eq!((k.dot_u8i8)(&a, &b), want, "{}", k.isa.name());
+            assert_eq!((k.dot_i8i8)(&ai, &b), want_i, "{}", k.isa.name());
         }
     }
 }

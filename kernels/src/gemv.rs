@@ -2,19 +2,23 @@
 //! correction fused, producing f32.
 //!
 //! Weights are packed once at load: per-row symmetric i8 with its scale, rows
-//! padded to 64 bytes (one cache line, one AVX-512 register), and each row's
-//! sum precomputed so the activation zero point costs one multiply per row:
+//! padded to 64 bytes (one cache line, one AVX-512 register), three zero rows
+//! appended so a 4-row tile may start at any row, and each row's sum
+//! precomputed so the activation zero point costs one multiply per row:
 //!
 //! `out[r] = x_scale · w_scale[r] · (Σ x[c]·w[r][c] − x_zp · Σ w[r][c]) + bias[r]`
 //!
-//! The integer part goes through the dispatched dot kernel (exact on every
-//! ISA); the correction is the same scalar code everywhere, so every ISA gives
-//! bit-identical results. Output rows can be split over threads with
-//! [`gemv_rows`]: the crate has no thread pool of its own.
+//! The integer part goes through the dispatched micro-kernel
+//! ([`Kernels::tile_u8i8`]: 4 rows × up to 4 activation vectors, exact on every
+//! ISA), so each weight row is read from memory once per call whatever the
+//! batch; the correction is the same scalar code everywhere, so every ISA
+//! gives bit-identical results. The crate has no thread pool: output rows are
+//! split over the caller's threads, either by hand ([`gemm_rows`]) or through
+//! the [`Parallel`] hook ([`gemm_par`]).
 
 use std::ops::Range;
 
-use crate::dispatch::Kernels;
+use crate::dispatch::{Kernels, Rows4, TILE_ACTS, TILE_ROWS};
 
 const ROW_ALIGN: usize = 64;
 
@@ -39,11 +43,14 @@ impl PackedI8 {
         assert_eq!(q.len(), rows * cols, "weights are not {rows}×{cols}");
         assert_eq!(scales.len(), rows, "one scale per row");
         let stride = cols.div_ceil(ROW_ALIGN) * ROW_ALIGN;
-        let mut data = vec![0i8; rows * stride];
-        let mut row_sums = Vec::with_capacity(rows);
+        let padded = rows + TILE_ROWS - 1;
+        let mut data = vec![0i8; padded * stride];
+        let mut row_sums = vec![0i32; padded];
+        let mut padded_scales = vec![0f32; padded];
+        padded_scales[..rows].copy_from_slice(scales);
         for (r, row) in q.chunks(cols).enumerate() {
             data[r * stride..r * stride + cols].copy_from_slice(row);
-            row_sums.push(row.iter().map(|&v| v as i32).sum());
+            row_sums[r] = row.iter().map(|&v| v as i32).sum();
         }
         PackedI8 {
             rows,
@@ -51,7 +58,7 @@ impl PackedI8 {
             stride,
             data,
             row_sums,
-            scales: scales.to_vec(),
+            scales: padded_scales,
         }
     }
 
@@ -73,8 +80,25 @@ impl PackedI8 {
         self.cols
     }
 
-    fn row(&self, r: usize) -> &[i8] {
-        &self.data[r * self.stride..r * self.stride + self.cols]
+    /// Weight bytes a full product streams (`rows × cols`).
+    pub fn weight_bytes(&self) -> usize {
+        self.rows * self.cols
+    }
+
+    /// Bytes held, padding included.
+    pub fn memory_bytes(&self) -> usize {
+        self.data.len() + 4 * self.row_sums.len() + 4 * self.scales.len()
+    }
+
+    /// The 4-row block starting at row `r` (< `rows`).
+    fn rows4(&self, r: usize) -> Rows4<'_> {
+        let mut sums = [0; TILE_ROWS];
+        sums.copy_from_slice(&self.row_sums[r..r + TILE_ROWS]);
+        Rows4 {
+            data: &self.data[r * self.stride..],
+            stride: self.stride,
+            sums,
+        }
     }
 }
 
@@ -90,6 +114,86 @@ pub struct QVec<'a> {
     pub zero_point: u8,
 }
 
+fn check_operands(w: &PackedI8, xs: &[QVec], bias: Option<&[f32]>) {
+    for x in xs {
+        assert_eq!(
+            x.q.len(),
+            w.cols,
+            "activation length differs from the weights' columns"
+        );
+    }
+    if let Some(b) = bias {
+        assert_eq!(b.len(), w.rows, "one bias per row");
+    }
+}
+
+/// The shared core: every (activation, row) result of `rows`, handed to `put`
+/// as `(activation, first row, values of up to four consecutive rows)`.
+fn compute(
+    k: &Kernels,
+    w: &PackedI8,
+    xs: &[QVec],
+    bias: Option<&[f32]>,
+    rows: Range<usize>,
+    mut put: impl FnMut(usize, usize, &[f32]),
+) {
+    let mut start = rows.start;
+    while start < rows.end {
+        let n_rows = (rows.end - start).min(TILE_ROWS);
+        let block = w.rows4(start);
+        let mut scales = [0f32; TILE_ROWS];
+        scales.copy_from_slice(&w.scales[start..start + TILE_ROWS]);
+        let mut b4 = [0f32; TILE_ROWS];
+        if let Some(b) = bias {
+            b4[..n_rows].copy_from_slice(&b[start..start + n_rows]);
+        }
+        for (g, group) in xs.chunks(TILE_ACTS).enumerate() {
+            let mut qs: [&[u8]; TILE_ACTS] = [&[]; TILE_ACTS];
+            for (q, x) in qs.iter_mut().zip(group) {
+                *q = x.q;
+            }
+            let acc = (k.tile_u8i8)(&qs[..group.len()], block);
+            for (j, (x, acc_x)) in group.iter().zip(&acc).enumerate() {
+                // Four lanes at once (LLVM vectorizes the fixed-size loop).
+                let zp = x.zero_point as i32;
+                let mut v = [0f32; TILE_ROWS];
+                for t in 0..TILE_ROWS {
+                    let a = acc_x[t] - zp * block.sums[t];
+                    v[t] = a as f32 * (x.scale * scales[t]) + b4[t];
+                }
+                put(g * TILE_ACTS + j, start, &v[..n_rows]);
+            }
+        }
+        start += n_rows;
+    }
+}
+
+/// Output rows `rows` of `w · xs[i] (+ bias)` for every activation vector:
+/// `out` is `xs.len() × rows.len()`, one activation's rows after another.
+/// For callers that split rows over their own threads.
+pub fn gemm_rows(
+    k: &Kernels,
+    w: &PackedI8,
+    xs: &[QVec],
+    bias: Option<&[f32]>,
+    rows: Range<usize>,
+    out: &mut [f32],
+) {
+    check_operands(w, xs, bias);
+    assert!(rows.end <= w.rows, "row range past the matrix");
+    let len = rows.len();
+    assert_eq!(
+        out.len(),
+        xs.len() * len,
+        "output length differs from batch × row range"
+    );
+    let first = rows.start;
+    compute(k, w, xs, bias, rows, |i, r, v| {
+        let at = i * len + r - first;
+        out[at..at + v.len()].copy_from_slice(v)
+    });
+}
+
 /// Output rows `rows` of `w · x (+ bias)` into `out` (`rows.len()` long).
 pub fn gemv_rows(
     k: &Kernels,
@@ -99,25 +203,7 @@ pub fn gemv_rows(
     rows: Range<usize>,
     out: &mut [f32],
 ) {
-    assert_eq!(
-        x.q.len(),
-        w.cols,
-        "activation length differs from the weights' columns"
-    );
-    assert!(rows.end <= w.rows, "row range past the matrix");
-    assert_eq!(
-        out.len(),
-        rows.len(),
-        "output length differs from the row range"
-    );
-    if let Some(b) = bias {
-        assert_eq!(b.len(), w.rows, "one bias per row");
-    }
-    let zp = x.zero_point as i32;
-    for (o, r) in out.iter_mut().zip(rows) {
-        let acc = (k.dot_u8i8)(x.q, w.row(r)) - zp * w.row_sums[r];
-        *o = acc as f32 * (x.scale * w.scales[r]) + bias.map_or(0.0, |b| b[r]);
-    }
+    gemm_rows(k, w, &[x], bias, rows, out)
 }
 
 /// `out = w · x (+ bias)`, all rows.
@@ -128,37 +214,99 @@ pub fn gemv(k: &Kernels, w: &PackedI8, x: QVec, bias: Option<&[f32]>, out: &mut 
 /// A small batch (the decode shape of continuous batching): `out[i] = w · xs[i] (+ bias)`,
 /// `out` being `xs.len() × rows`. Each weight row is read once for the whole batch.
 pub fn gemm(k: &Kernels, w: &PackedI8, xs: &[QVec], bias: Option<&[f32]>, out: &mut [f32]) {
+    gemm_rows(k, w, xs, bias, 0..w.rows, out)
+}
+
+/// The caller's thread pool, as the GEMM sees it.
+pub trait Parallel: Sync {
+    /// How many tasks are worth making.
+    fn threads(&self) -> usize;
+    /// Run `task(i)` for every `i` in `0..n`, concurrently, returning when all
+    /// have finished.
+    fn run(&self, n: usize, task: &(dyn Fn(usize) + Sync));
+}
+
+/// Everything on the calling thread.
+#[derive(Debug, Clone, Copy)]
+pub struct Serial;
+
+impl Parallel for Serial {
+    fn threads(&self) -> usize {
+        1
+    }
+    fn run(&self, n: usize, task: &(dyn Fn(usize) + Sync)) {
+        (0..n).for_each(task)
+    }
+}
+
+/// Fresh scoped threads per call: simple, but spawning costs tens of
+/// microseconds, so an engine keeps a pool of its own instead.
+#[derive(Debug, Clone, Copy)]
+pub struct Scoped(pub usize);
+
+impl Parallel for Scoped {
+    fn threads(&self) -> usize {
+        self.0.max(1)
+    }
+    fn run(&self, n: usize, task: &(dyn Fn(usize) + Sync)) {
+        std::thread::scope(|s| {
+            for i in 1..n {
+                s.spawn(move || task(i));
+            }
+            if n > 0 {
+                task(0);
+            }
+        })
+    }
+}
+
+/// `out` as shared by the tasks of [`gemm_par`], each writing its own rows.
+struct SharedOut(*mut f32);
+// SAFETY: tasks write disjoint elements (see `gemm_par`); the pointer is only
+// used while `gemm_par` holds the unique borrow of `out`.
+unsafe impl Sync for SharedOut {}
+
+/// [`gemm`] with output rows split over `pool`'s threads, in blocks of whole
+/// tiles; the result equals [`gemm`]'s bit for bit.
+pub fn gemm_par(
+    k: &Kernels,
+    w: &PackedI8,
+    xs: &[QVec],
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    pool: &dyn Parallel,
+) {
+    check_operands(w, xs, bias);
     assert_eq!(out.len(), xs.len() * w.rows, "output is not batch × rows");
-    for x in xs {
-        assert_eq!(
-            x.q.len(),
-            w.cols,
-            "activation length differs from the weights' columns"
-        );
-    }
-    for r in 0..w.rows {
-        let row = w.row(r);
-        let b = bias.map_or(0.0, |b| b[r]);
-        for (i, x) in xs.iter().enumerate() {
-            let acc = (k.dot_u8i8)(x.q, row) - x.zero_point as i32 * w.row_sums[r];
-            out[i * w.rows + r] = acc as f32 * (x.scale * w.scales[r]) + b;
-        }
-    }
+    let tiles = w.rows.div_ceil(TILE_ROWS);
+    let parts = pool.threads().clamp(1, tiles.max(1));
+    let per = tiles.div_ceil(parts) * TILE_ROWS;
+    let shared = SharedOut(out.as_mut_ptr());
+    let shared = &shared;
+    let rows = w.rows;
+    pool.run(parts, &|p| {
+        let range = (p * per).min(rows)..((p + 1) * per).min(rows);
+        compute(k, w, xs, bias, range, |i, r, v| {
+            assert!(i < xs.len() && r + v.len() <= rows);
+            // SAFETY: i < xs.len() and r + v.len() ≤ rows, so the elements are
+            // inside `out` (length xs.len() · rows, checked above); task p only
+            // writes rows of its own range, ranges are disjoint, so no element is
+            // written twice or concurrently; `out` stays borrowed until `run` returns.
+            unsafe {
+                std::ptr::copy_nonoverlapping(v.as_ptr(), shared.0.add(i * rows + r), v.len())
+            }
+        });
+    });
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dispatch::Isa;
     use crate::quant::dynamic_quantize_u8;
     use proptest::prelude::*;
 
     fn isas() -> Vec<Kernels> {
-        // Every level this machine runs (duplicates when capped levels coincide are harmless).
-        [Isa::Generic, Isa::Avx2, Isa::Avx512Vnni]
-            .into_iter()
-            .map(Kernels::detect)
-            .collect()
+        Kernels::all_available()
     }
 
     fn case() -> impl Strategy<Value = (usize, usize, Vec<f32>, Vec<f32>, Vec<f32>)> {
@@ -196,9 +344,11 @@ mod tests {
             }
         }
 
-        /// The batch kernel equals one GEMV per activation row, bit for bit.
+        /// The batch kernel (1–16 vectors, so full and partial groups of four)
+        /// equals one GEMV per activation vector, bit for bit, and so does the
+        /// row split over threads.
         #[test]
-        fn gemm_equals_gemv_per_row((rows, cols, w, x, _b) in case(), batch in 1usize..9) {
+        fn gemm_equals_gemv_per_row((rows, cols, w, x, bias) in case(), batch in 1usize..17) {
             let pw = PackedI8::quantize(&w, rows, cols);
             let acts: Vec<(Vec<u8>, f32, u8)> = (0..batch).map(|i| {
                 let xi: Vec<f32> = x.iter().map(|v| v * (i as f32 + 1.0) - i as f32 * 0.1).collect();
@@ -209,12 +359,15 @@ mod tests {
             let qs: Vec<QVec> = acts.iter().map(|(q, s, z)| QVec { q, scale: *s, zero_point: *z }).collect();
             for k in isas() {
                 let mut out = vec![0f32; batch * rows];
-                gemm(&k, &pw, &qs, None, &mut out);
+                gemm(&k, &pw, &qs, Some(&bias), &mut out);
                 for (i, qx) in qs.iter().enumerate() {
                     let mut one = vec![0f32; rows];
-                    gemv(&k, &pw, *qx, None, &mut one);
+                    gemv(&k, &pw, *qx, Some(&bias), &mut one);
                     prop_assert_eq!(&out[i * rows..(i + 1) * rows], &one[..]);
                 }
+                let mut par = vec![f32::NAN; batch * rows];
+                gemm_par(&k, &pw, &qs, Some(&bias), &mut par, &Scoped(3));
+                prop_assert_eq!(&par, &out);
             }
         }
     }

@@ -1,17 +1,69 @@
 //! Scalar reference implementations. Always compiled; every SIMD kernel is
 //! tested against these.
 
+use crate::dispatch::{Rows4, TILE_ACTS, TILE_ROWS};
+
 /// Longest dot product whose i32 sum cannot overflow (255 · 128 · 2^16 < 2^31).
 pub const MAX_DOT_LEN: usize = 1 << 16;
 
-/// `Σ a[i]·b[i]` of u8 activations and i8 weights, exact in i32.
-pub fn dot_u8i8(a: &[u8], b: &[i8]) -> i32 {
+/// Panics unless `a` and `b` are operands of a dot product: equal lengths, at
+/// most [`MAX_DOT_LEN`]. Every dot kernel's safe wrapper calls it.
+pub fn check_dot<A, B>(a: &[A], b: &[B]) {
     assert_eq!(a.len(), b.len(), "dot product of unequal lengths");
     assert!(
         a.len() <= MAX_DOT_LEN,
         "dot product longer than MAX_DOT_LEN"
     );
+}
+
+/// Panics unless `xs` and `w` are operands of a [`TileFn`](crate::TileFn):
+/// 1–4 activation vectors of equal length `n` ≤ `min(stride, MAX_DOT_LEN)`,
+/// and four rows present (`3 · stride + n` bytes). Returns `n`.
+pub fn check_tile(xs: &[&[u8]], w: &Rows4) -> usize {
+    assert!(
+        (1..=TILE_ACTS).contains(&xs.len()),
+        "a tile takes 1 to {TILE_ACTS} activation vectors, got {}",
+        xs.len()
+    );
+    let n = xs[0].len();
+    assert!(
+        xs.iter().all(|x| x.len() == n),
+        "activation vectors of unequal lengths"
+    );
+    assert!(
+        n <= w.stride && n <= MAX_DOT_LEN,
+        "activation length {n} exceeds the row stride {} or MAX_DOT_LEN",
+        w.stride
+    );
+    assert!(
+        w.data.len() >= 3 * w.stride + n,
+        "a tile needs four rows of weights"
+    );
+    n
+}
+
+/// `Σ a[i]·b[i]` of u8 activations and i8 weights, exact in i32.
+pub fn dot_u8i8(a: &[u8], b: &[i8]) -> i32 {
+    check_dot(a, b);
     a.iter().zip(b).map(|(&x, &w)| x as i32 * w as i32).sum()
+}
+
+/// `Σ a[i]·b[i]` of i8 operands, exact in i32.
+pub fn dot_i8i8(a: &[i8], b: &[i8]) -> i32 {
+    check_dot(a, b);
+    a.iter().zip(b).map(|(&x, &w)| x as i32 * w as i32).sum()
+}
+
+/// The reference micro-kernel: one [`dot_u8i8`] per (activation, row).
+pub fn tile_u8i8(xs: &[&[u8]], w: Rows4) -> [[i32; TILE_ROWS]; TILE_ACTS] {
+    let n = check_tile(xs, &w);
+    let mut out = [[0; TILE_ROWS]; TILE_ACTS];
+    for (o, x) in out.iter_mut().zip(xs) {
+        for (r, v) in o.iter_mut().enumerate() {
+            *v = dot_u8i8(x, &w.data[r * w.stride..r * w.stride + n]);
+        }
+    }
+    out
 }
 
 /// Index of the largest value, the lowest index on ties; 0 for an empty slice.

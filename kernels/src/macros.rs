@@ -1,63 +1,90 @@
 //! The one macro that declares a SIMD kernel: a safe wrapper around a private
-//! `#[target_feature]` function, gated by its CPU predicate, plus proptests
-//! proving it equal to the scalar reference on every machine that can run it.
+//! architecture-specific function, gated by its CPU predicate, plus the
+//! property tests proving it equal to the scalar reference on every machine
+//! that can run it.
 
-/// Declare a `u8 · i8 -> i32` dot-product kernel.
+/// Declare a kernel of one of the table's signatures.
 ///
-/// `dot_kernel!(pub fn NAME = IMPL, isa = ISA, when = PREDICATE);` generates
-/// `NAME(a, b)`, which asserts equal lengths and the CPU predicate (a caller
-/// that skipped detection gets a panic, never undefined behaviour), and a
-/// `tests` module comparing it with [`crate::generic::dot_u8i8`] exactly.
-macro_rules! dot_kernel {
-    ($(#[$doc:meta])* pub fn $name:ident = $imp:path, isa = $isa:expr, when = $pred:expr;) => {
+/// ```text
+/// kernel! { dot_u8i8:  /// docs
+///           pub fn NAME = IMPL, isa = "what it needs", when = PREDICATE; }
+/// ```
+///
+/// The kind (`dot_u8i8`, `dot_i8i8`, `tile_u8i8`) picks the signature, the
+/// precondition check from [`crate::generic`] and the property test from
+/// `crate::check`. The generated `NAME` asserts the preconditions and the CPU
+/// predicate (a caller that skipped detection gets a panic, never undefined
+/// behaviour), then calls `IMPL`; `NAME::equals_the_reference` is the test.
+macro_rules! kernel {
+    (dot_u8i8: $(#[$doc:meta])* pub fn $name:ident = $imp:path, isa = $isa:expr, when = $pred:expr;) => {
         $(#[$doc])*
         pub fn $name(a: &[u8], b: &[i8]) -> i32 {
-            assert_eq!(a.len(), b.len(), "dot product of unequal lengths");
+            crate::generic::check_dot(a, b);
             assert!($pred, concat!(stringify!($name), " needs a CPU with ", $isa));
-            // SAFETY: the CPU features `$imp` is compiled for were checked just above,
-            // and it reads only `a.len()` elements of each slice, which are equal.
+            // SAFETY: the CPU features `$imp` needs were checked just above, and
+            // `check_dot` proved the slices are equal in length and short enough.
             unsafe { $imp(a, b) }
         }
-
+        kernel!(@test $name, $pred, dot_u8i8);
+    };
+    (dot_i8i8: $(#[$doc:meta])* pub fn $name:ident = $imp:path, isa = $isa:expr, when = $pred:expr;) => {
+        $(#[$doc])*
+        pub fn $name(a: &[i8], b: &[i8]) -> i32 {
+            crate::generic::check_dot(a, b);
+            assert!($pred, concat!(stringify!($name), " needs a CPU with ", $isa));
+            // SAFETY: the CPU features `$imp` needs were checked just above, and
+            // `check_dot` proved the slices are equal in length and short enough.
+            unsafe { $imp(a, b) }
+        }
+        kernel!(@test $name, $pred, dot_i8i8);
+    };
+    (tile_u8i8: $(#[$doc:meta])* pub fn $name:ident = $imp:path, isa = $isa:expr, when = $pred:expr;) => {
+        $(#[$doc])*
+        pub fn $name(
+            xs: &[&[u8]],
+            w: crate::dispatch::Rows4,
+        ) -> [[i32; crate::dispatch::TILE_ROWS]; crate::dispatch::TILE_ACTS] {
+            let n = crate::generic::check_tile(xs, &w);
+            assert!($pred, concat!(stringify!($name), " needs a CPU with ", $isa));
+            // SAFETY: the CPU features `$imp` needs were checked just above;
+            // `check_tile` proved 1–4 activations of length `n` ≤ stride and four
+            // rows of `n` bytes each inside `w.data`, all `$imp` reads.
+            unsafe { $imp(xs, n, w) }
+        }
+        kernel!(@test $name, $pred, tile_u8i8);
+    };
+    (@test $name:ident, $pred:expr, $check:ident) => {
         #[cfg(test)]
         mod $name {
             #[allow(unused_imports)]
             use super::*;
-            use proptest::prelude::*;
-
-            fn runs() -> bool {
-                $pred
-            }
-
-            /// Lengths around every block size, and values at the extremes.
-            fn operands() -> impl Strategy<Value = (Vec<u8>, Vec<i8>)> {
-                (0usize..600).prop_flat_map(|n| {
-                    let u = prop_oneof![Just(0u8), Just(255u8), any::<u8>()];
-                    let i = prop_oneof![Just(i8::MIN), Just(i8::MAX), Just(0i8), any::<i8>()];
-                    (proptest::collection::vec(u, n), proptest::collection::vec(i, n))
-                })
-            }
-
-            proptest! {
-                #[test]
-                fn equals_the_reference((a, b) in operands()) {
-                    if runs() {
-                        prop_assert_eq!(super::$name(&a, &b), crate::generic::dot_u8i8(&a, &b));
-                    }
-                }
-            }
 
             #[test]
-            fn worst_case_does_not_saturate() {
-                if runs() {
-                    for n in [1, 31, 32, 63, 64, 65, 4096, 4097] {
-                        let (a, b) = (vec![255u8; n], vec![i8::MIN; n]);
-                        assert_eq!(super::$name(&a, &b), -255 * 128 * n as i32);
-                        let b = vec![i8::MAX; n];
-                        assert_eq!(super::$name(&a, &b), 255 * 127 * n as i32);
-                    }
+            fn equals_the_reference() {
+                if $pred {
+                    crate::check::$check(super::$name);
+                } else {
+                    eprintln!(concat!(stringify!($name), ": not run, this CPU lacks it"));
                 }
             }
         }
     };
+}
+
+/// Call `$tile::<B>` with `B = xs.len()` (1–4, checked by the caller), so each
+/// batch size gets its own fully unrolled accumulator array, and return its
+/// rows in a full `[[i32; TILE_ROWS]; TILE_ACTS]`. Expands to unsafe calls:
+/// use inside `unsafe`, with `$tile`'s preconditions met.
+#[allow(unused_macros)]
+macro_rules! by_batch {
+    ($tile:ident, $xs:expr, $n:expr, $w:expr) => {{
+        let mut out = [[0; crate::dispatch::TILE_ROWS]; crate::dispatch::TILE_ACTS];
+        match $xs.len() {
+            1 => out[..1].copy_from_slice(&$tile::<1>($xs, $n, $w)),
+            2 => out[..2].copy_from_slice(&$tile::<2>($xs, $n, $w)),
+            3 => out[..3].copy_from_slice(&$tile::<3>($xs, $n, $w)),
+            _ => out.copy_from_slice(&$tile::<4>($xs, $n, $w)),
+        }
+        out
+    }};
 }

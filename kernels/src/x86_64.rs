@@ -13,76 +13,220 @@ fn has_avx512vnni() -> bool {
         && is_x86_feature_detected!("avx512vnni")
 }
 
-/// Install the best kernels this CPU runs, up to `limit`.
+/// Install the best kernels this CPU runs, as far as `limit` allows.
 pub(crate) fn plug(k: &mut Kernels, limit: Isa) {
-    if limit >= Isa::Avx2 && has_avx2() {
+    if limit.allows(Isa::Avx2) && has_avx2() {
         k.isa = Isa::Avx2;
         k.dot_u8i8 = dot_u8i8_avx2;
+        k.dot_i8i8 = dot_i8i8_avx2;
+        k.tile_u8i8 = tile_u8i8_avx2;
     }
-    if limit >= Isa::Avx512Vnni && has_avx512vnni() {
+    if limit.allows(Isa::Avx512Vnni) && has_avx512vnni() {
         k.isa = Isa::Avx512Vnni;
         k.dot_u8i8 = dot_u8i8_avx512vnni;
+        k.dot_i8i8 = dot_i8i8_avx512vnni;
+        k.tile_u8i8 = tile_u8i8_avx512vnni;
     }
 }
 
-dot_kernel! {
+kernel! { dot_u8i8:
     /// u8·i8 dot product on AVX2: both operands widened to i16 and multiplied
     /// with `vpmaddwd`, which cannot saturate (unlike `vpmaddubsw`, whose
     /// i16 pair sums overflow at 255·127·2), so the result is exact.
     pub fn dot_u8i8_avx2 = avx2::dot_u8i8, isa = "AVX2 and FMA", when = has_avx2();
 }
 
-dot_kernel! {
+kernel! { dot_i8i8:
+    /// i8·i8 dot product on AVX2 (sign-extended to i16, `vpmaddwd`).
+    pub fn dot_i8i8_avx2 = avx2::dot_i8i8, isa = "AVX2 and FMA", when = has_avx2();
+}
+
+kernel! { tile_u8i8:
+    /// The 4-row micro-kernel on AVX2: each weight chunk is widened once and
+    /// used for two activation vectors at a time (16 ymm registers hold 8
+    /// accumulators, 4 weight chunks and the activations).
+    pub fn tile_u8i8_avx2 = avx2::tile_u8i8, isa = "AVX2 and FMA", when = has_avx2();
+}
+
+kernel! { dot_u8i8:
     /// u8·i8 dot product on AVX-512 VNNI: `vpdpbusd` sums four u8·i8 products
     /// straight into i32 lanes (no intermediate saturation); the tail is a
     /// masked load, so no scalar remainder loop.
     pub fn dot_u8i8_avx512vnni = avx512vnni::dot_u8i8, isa = "AVX-512 F, BW and VNNI", when = has_avx512vnni();
 }
 
+kernel! { dot_i8i8:
+    /// i8·i8 dot product on AVX-512 VNNI: `vpdpbusd` on `a + 128` (as u8),
+    /// minus `128 · Σb` accumulated by a second `vpdpbusd` against ones.
+    pub fn dot_i8i8_avx512vnni = avx512vnni::dot_i8i8, isa = "AVX-512 F, BW and VNNI", when = has_avx512vnni();
+}
+
+kernel! { tile_u8i8:
+    /// The 4-row micro-kernel on AVX-512 VNNI: four 64-byte weight chunks
+    /// loaded once per step feed up to 16 `vpdpbusd` accumulators (4 rows × 4
+    /// activations); masked loads for the tail.
+    pub fn tile_u8i8_avx512vnni = avx512vnni::tile_u8i8, isa = "AVX-512 F, BW and VNNI", when = has_avx512vnni();
+}
+
 mod avx2 {
     use std::arch::x86_64::*;
+
+    use crate::dispatch::{Rows4, TILE_ACTS, TILE_ROWS};
+
+    #[target_feature(enable = "avx2,fma")]
+    fn hsum(v: __m256i) -> i32 {
+        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+        _mm_cvtsi128_si32(s)
+    }
+
+    /// The lane sums of four accumulators at once: `[Σa0, Σa1, Σa2, Σa3]`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn reduce4(a: &[__m256i; 4]) -> [i32; 4] {
+        let s = _mm256_hadd_epi32(_mm256_hadd_epi32(a[0], a[1]), _mm256_hadd_epi32(a[2], a[3]));
+        let s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+        let mut out = [0i32; 4];
+        // SAFETY: `out` is 16 writable bytes.
+        unsafe { _mm_storeu_si128(out.as_mut_ptr() as *mut __m128i, s) };
+        out
+    }
+
+    /// `Σ a[i]·b[i]` over `n` bytes, `a` read as u8 or (`SIGNED_A`) as i8.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2; `a` and `b` point to `n` ≤ `MAX_DOT_LEN` readable bytes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dot<const SIGNED_A: bool>(a: *const u8, b: *const i8, n: usize) -> i32 {
+        let mut acc = _mm256_setzero_si256();
+        let mut i = 0;
+        while i + 16 <= n {
+            // SAFETY: i + 16 <= n bytes remain behind both pointers; unaligned loads.
+            let (va, vb) = unsafe {
+                (
+                    _mm_loadu_si128(a.add(i) as *const __m128i),
+                    _mm_loadu_si128(b.add(i) as *const __m128i),
+                )
+            };
+            let wa = if SIGNED_A {
+                _mm256_cvtepi8_epi16(va)
+            } else {
+                _mm256_cvtepu8_epi16(va)
+            };
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(wa, _mm256_cvtepi8_epi16(vb)));
+            i += 16;
+        }
+        let mut tail = 0i32;
+        for j in i..n {
+            // SAFETY: j < n.
+            let (x, w) = unsafe { (*a.add(j), *b.add(j)) };
+            let x = if SIGNED_A { x as i8 as i32 } else { x as i32 };
+            tail += x * w as i32;
+        }
+        hsum(acc) + tail
+    }
 
     /// # Safety
     /// The CPU must support AVX2; `a` and `b` must have equal lengths ≤ `MAX_DOT_LEN`.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn dot_u8i8(a: &[u8], b: &[i8]) -> i32 {
-        assert!(a.len() <= crate::generic::MAX_DOT_LEN);
-        let n = a.len();
-        let mut acc = _mm256_setzero_si256();
+        // SAFETY: both slices hold a.len() bytes; preconditions forwarded.
+        unsafe { dot::<false>(a.as_ptr(), b.as_ptr(), a.len()) }
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2; `a` and `b` must have equal lengths ≤ `MAX_DOT_LEN`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot_i8i8(a: &[i8], b: &[i8]) -> i32 {
+        // SAFETY: both slices hold a.len() bytes; preconditions forwarded.
+        unsafe { dot::<true>(a.as_ptr() as *const u8, b.as_ptr(), a.len()) }
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2; `xs` holds 1–4 vectors of length `n` ≤
+    /// `w.stride`, and `w.data` holds four rows of `n` bytes at `r * w.stride`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn tile_u8i8(
+        xs: &[&[u8]],
+        n: usize,
+        w: Rows4,
+    ) -> [[i32; TILE_ROWS]; TILE_ACTS] {
+        let mut out = [[0; TILE_ROWS]; TILE_ACTS];
+        let mut a = 0;
+        while a < xs.len() {
+            if a + 2 <= xs.len() {
+                // SAFETY: forwarded preconditions; two vectors of length n.
+                let r = unsafe { tile::<2>(&xs[a..a + 2], n, w) };
+                out[a..a + 2].copy_from_slice(&r);
+                a += 2;
+            } else {
+                // SAFETY: forwarded preconditions; one vector of length n.
+                out[a] = unsafe { tile::<1>(&xs[a..a + 1], n, w) }[0];
+                a += 1;
+            }
+        }
+        out
+    }
+
+    /// # Safety
+    /// As [`tile_u8i8`], with `xs.len() == B`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile<const B: usize>(xs: &[&[u8]], n: usize, w: Rows4) -> [[i32; TILE_ROWS]; B] {
+        let mut acc = [[_mm256_setzero_si256(); TILE_ROWS]; B];
+        let wp = w.data.as_ptr();
         let mut i = 0;
         while i + 16 <= n {
-            // SAFETY: i + 16 <= n bytes remain in both slices; unaligned loads.
-            let (va, vb) = unsafe {
-                (
-                    _mm_loadu_si128(a.as_ptr().add(i) as *const __m128i),
-                    _mm_loadu_si128(b.as_ptr().add(i) as *const __m128i),
-                )
-            };
-            let prod = _mm256_madd_epi16(_mm256_cvtepu8_epi16(va), _mm256_cvtepi8_epi16(vb));
-            acc = _mm256_add_epi32(acc, prod);
+            let mut wr = [_mm256_setzero_si256(); TILE_ROWS];
+            for (r, v) in wr.iter_mut().enumerate() {
+                // SAFETY: row r holds n ≥ i + 16 bytes from r * stride, inside w.data.
+                let c = unsafe { _mm_loadu_si128(wp.add(r * w.stride + i) as *const __m128i) };
+                *v = _mm256_cvtepi8_epi16(c);
+            }
+            for (acc_a, x) in acc.iter_mut().zip(xs) {
+                // SAFETY: x has n ≥ i + 16 bytes.
+                let c = unsafe { _mm_loadu_si128(x.as_ptr().add(i) as *const __m128i) };
+                let xv = _mm256_cvtepu8_epi16(c);
+                for (acc_r, wv) in acc_a.iter_mut().zip(&wr) {
+                    *acc_r = _mm256_add_epi32(*acc_r, _mm256_madd_epi16(xv, *wv));
+                }
+            }
             i += 16;
         }
-        let mut lanes = [0i32; 8];
-        // SAFETY: `lanes` is 32 writable bytes.
-        unsafe { _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, acc) };
-        let tail: i32 = a[i..]
-            .iter()
-            .zip(&b[i..])
-            .map(|(&x, &w)| x as i32 * w as i32)
-            .sum();
-        lanes.iter().sum::<i32>() + tail
+        let mut out = [[0; TILE_ROWS]; B];
+        for ((o, acc_a), x) in out.iter_mut().zip(&acc).zip(xs) {
+            *o = reduce4(acc_a);
+            for (r, v) in o.iter_mut().enumerate() {
+                let row = &w.data[r * w.stride..r * w.stride + n];
+                let tail: i32 = x[i..]
+                    .iter()
+                    .zip(&row[i..])
+                    .map(|(&x, &w)| x as i32 * w as i32)
+                    .sum();
+                *v += tail;
+            }
+        }
+        out
     }
 }
 
 mod avx512vnni {
     use std::arch::x86_64::*;
 
+    use crate::dispatch::{Rows4, TILE_ACTS, TILE_ROWS};
+
+    /// Mask of the low `k` < 64 bytes.
+    fn tail_mask(k: usize) -> __mmask64 {
+        (1u64 << k) - 1
+    }
+
     /// # Safety
     /// The CPU must support AVX-512 F, BW and VNNI; `a` and `b` must have
     /// equal lengths ≤ `MAX_DOT_LEN`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     pub(super) unsafe fn dot_u8i8(a: &[u8], b: &[i8]) -> i32 {
-        assert!(a.len() <= crate::generic::MAX_DOT_LEN);
         let n = a.len();
         let mut acc = _mm512_setzero_si512();
         let mut i = 0;
@@ -98,7 +242,7 @@ mod avx512vnni {
             i += 64;
         }
         if i < n {
-            let mask: __mmask64 = (1u64 << (n - i)) - 1;
+            let mask = tail_mask(n - i);
             // SAFETY: the mask enables only the n - i < 64 bytes left in each slice;
             // masked-off bytes are not read (no fault past the end).
             let (va, vb) = unsafe {
@@ -110,5 +254,84 @@ mod avx512vnni {
             acc = _mm512_dpbusd_epi32(acc, va, vb);
         }
         _mm512_reduce_add_epi32(acc)
+    }
+
+    /// # Safety
+    /// The CPU must support AVX-512 F, BW and VNNI; `a` and `b` must have
+    /// equal lengths ≤ `MAX_DOT_LEN`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn dot_i8i8(a: &[i8], b: &[i8]) -> i32 {
+        let n = a.len();
+        let flip = _mm512_set1_epi8(-128);
+        let ones = _mm512_set1_epi8(1);
+        let (mut acc, mut sum_b) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+        let mut i = 0;
+        while i < n {
+            let mask = if n - i >= 64 { !0 } else { tail_mask(n - i) };
+            // SAFETY: the mask enables at most the n - i bytes left in each slice.
+            let (va, vb) = unsafe {
+                (
+                    _mm512_maskz_loadu_epi8(mask, a.as_ptr().add(i)),
+                    _mm512_maskz_loadu_epi8(mask, b.as_ptr().add(i)),
+                )
+            };
+            // a + 128 as u8 (masked-off lanes stay 0: their b is 0 anyway).
+            let ua = _mm512_xor_si512(va, flip);
+            acc = _mm512_dpbusd_epi32(acc, ua, vb);
+            sum_b = _mm512_dpbusd_epi32(sum_b, ones, vb);
+            i += 64;
+        }
+        _mm512_reduce_add_epi32(acc) - 128 * _mm512_reduce_add_epi32(sum_b)
+    }
+
+    /// # Safety
+    /// The CPU must support AVX-512 F, BW and VNNI; `xs` holds 1–4 vectors of
+    /// length `n` ≤ `w.stride`, and `w.data` holds four rows of `n` bytes at
+    /// `r * w.stride`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn tile_u8i8(
+        xs: &[&[u8]],
+        n: usize,
+        w: Rows4,
+    ) -> [[i32; TILE_ROWS]; TILE_ACTS] {
+        // SAFETY: preconditions forwarded.
+        unsafe { by_batch!(tile, xs, n, w) }
+    }
+
+    /// # Safety
+    /// As [`tile_u8i8`], with `xs.len() == B`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn tile<const B: usize>(xs: &[&[u8]], n: usize, w: Rows4) -> [[i32; TILE_ROWS]; B] {
+        let mut acc = [[_mm512_setzero_si512(); TILE_ROWS]; B];
+        let wp = w.data.as_ptr();
+        let mut i = 0;
+        while i < n {
+            let mask = if n - i >= 64 { !0 } else { tail_mask(n - i) };
+            let mut wr = [_mm512_setzero_si512(); TILE_ROWS];
+            for (r, v) in wr.iter_mut().enumerate() {
+                // SAFETY: the mask enables at most the n - i bytes left in row r,
+                // which lies inside w.data.
+                *v = unsafe { _mm512_maskz_loadu_epi8(mask, wp.add(r * w.stride + i)) };
+            }
+            for (acc_a, x) in acc.iter_mut().zip(xs) {
+                // SAFETY: the mask enables at most the n - i bytes left in x.
+                let xv = unsafe { _mm512_maskz_loadu_epi8(mask, x.as_ptr().add(i) as *const i8) };
+                for (acc_r, wv) in acc_a.iter_mut().zip(&wr) {
+                    *acc_r = _mm512_dpbusd_epi32(*acc_r, xv, *wv);
+                }
+            }
+            i += 64;
+        }
+        let mut out = [[0; TILE_ROWS]; B];
+        for (o, acc_a) in out.iter_mut().zip(&acc) {
+            // Fold each 512-bit accumulator to 256 bits, then the AVX2 tree.
+            let mut half = [_mm256_setzero_si256(); TILE_ROWS];
+            for (h, a) in half.iter_mut().zip(acc_a) {
+                *h = _mm256_add_epi32(_mm512_castsi512_si256(*a), _mm512_extracti64x4_epi64(*a, 1));
+            }
+            *o = super::avx2::reduce4(&half);
+        }
+        out
     }
 }

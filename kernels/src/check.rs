@@ -1,0 +1,139 @@
+//! Property tests shared by every kernel of a signature (the `kernel!` macro
+//! calls them): random operands around every block size and tail, values at
+//! the extremes, worst-case magnitudes; results must equal the scalar
+//! reference exactly. `PROPTEST_CASES` sets the number of cases (qemu runs
+//! lower it).
+
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestRunner};
+
+use crate::dispatch::{Rows4, TILE_ACTS, TILE_ROWS};
+use crate::generic;
+
+fn u8s(n: usize) -> impl Strategy<Value = Vec<u8>> {
+    proptest::collection::vec(prop_oneof![Just(0u8), Just(255u8), any::<u8>()], n)
+}
+
+fn i8s(n: usize) -> impl Strategy<Value = Vec<i8>> {
+    proptest::collection::vec(
+        prop_oneof![Just(i8::MIN), Just(i8::MAX), Just(0i8), any::<i8>()],
+        n,
+    )
+}
+
+fn run<S: Strategy>(strategy: S, test: impl Fn(S::Value) -> Result<(), TestCaseError>) {
+    let mut runner = TestRunner::new(Config::default());
+    if let Err(e) = runner.run(&strategy, test) {
+        panic!("{e}");
+    }
+}
+
+/// Lengths crossing 16-, 32- and 64-byte blocks.
+const MAX_LEN: usize = 600;
+/// Lengths for the worst-case (saturation) check.
+const WORST_LENS: [usize; 8] = [1, 15, 16, 63, 64, 65, 4096, 4097];
+
+pub(crate) fn dot_u8i8(f: fn(&[u8], &[i8]) -> i32) {
+    run(
+        (0usize..MAX_LEN).prop_flat_map(|n| (u8s(n), i8s(n))),
+        |(a, b)| {
+            prop_assert_eq!(f(&a, &b), generic::dot_u8i8(&a, &b));
+            Ok(())
+        },
+    );
+    for n in WORST_LENS {
+        let a = vec![255u8; n];
+        assert_eq!(f(&a, &vec![i8::MIN; n]), -255 * 128 * n as i32);
+        assert_eq!(f(&a, &vec![i8::MAX; n]), 255 * 127 * n as i32);
+    }
+}
+
+pub(crate) fn dot_i8i8(f: fn(&[i8], &[i8]) -> i32) {
+    run(
+        (0usize..MAX_LEN).prop_flat_map(|n| (i8s(n), i8s(n))),
+        |(a, b)| {
+            prop_assert_eq!(f(&a, &b), generic::dot_i8i8(&a, &b));
+            Ok(())
+        },
+    );
+    for n in WORST_LENS {
+        let a = vec![i8::MIN; n];
+        assert_eq!(f(&a, &vec![i8::MIN; n]), 128 * 128 * n as i32);
+        assert_eq!(f(&a, &vec![i8::MAX; n]), -128 * 127 * n as i32);
+    }
+}
+
+/// A packed block of four rows whose padding (past `n`, up to `stride`, and a
+/// few bytes past the fourth row) holds garbage a kernel must not count.
+#[derive(Debug, Clone)]
+struct Block {
+    xs: Vec<Vec<u8>>,
+    data: Vec<i8>,
+    stride: usize,
+}
+
+impl Block {
+    fn rows4(&self) -> Rows4<'_> {
+        let n = self.xs[0].len();
+        let mut sums = [0; TILE_ROWS];
+        for (r, s) in sums.iter_mut().enumerate() {
+            let row = &self.data[r * self.stride..r * self.stride + n];
+            *s = row.iter().map(|&v| v as i32).sum();
+        }
+        Rows4 {
+            data: &self.data,
+            stride: self.stride,
+            sums,
+        }
+    }
+}
+
+fn block() -> impl Strategy<Value = Block> {
+    (0usize..300, 0usize..3, 1..=TILE_ACTS, 0usize..3).prop_flat_map(|(n, pad, acts, slack)| {
+        let stride = n.div_ceil(64) * 64 + pad * 16;
+        let len = 3 * stride + n + slack;
+        (
+            proptest::collection::vec(u8s(n), acts),
+            proptest::collection::vec(any::<i8>(), len),
+        )
+            .prop_map(move |(xs, mut data)| {
+                // Extremes in the rows themselves, garbage in the padding.
+                for (i, v) in data.iter_mut().enumerate() {
+                    if i % 7 == 3 && i % stride.max(1) < n {
+                        *v = i8::MIN;
+                    }
+                }
+                Block { xs, data, stride }
+            })
+    })
+}
+
+type Tile = fn(&[&[u8]], Rows4) -> [[i32; TILE_ROWS]; TILE_ACTS];
+
+pub(crate) fn tile_u8i8(f: Tile) {
+    run(block(), |b| {
+        let xs: Vec<&[u8]> = b.xs.iter().map(|x| &x[..]).collect();
+        prop_assert_eq!(
+            f(&xs, b.rows4()),
+            generic::tile_u8i8(&xs, b.rows4()),
+            "n {} stride {} acts {}",
+            b.xs[0].len(),
+            b.stride,
+            xs.len()
+        );
+        Ok(())
+    });
+    for n in WORST_LENS {
+        let stride = n.div_ceil(64) * 64;
+        for w in [i8::MIN, i8::MAX] {
+            let b = Block {
+                xs: vec![vec![255u8; n]; TILE_ACTS],
+                data: vec![w; 3 * stride + n],
+                stride,
+            };
+            let xs: Vec<&[u8]> = b.xs.iter().map(|x| &x[..]).collect();
+            let want = 255 * w as i32 * n as i32;
+            assert_eq!(f(&xs, b.rows4()), [[want; TILE_ROWS]; TILE_ACTS], "n {n}");
+        }
+    }
+}

@@ -1,0 +1,254 @@
+//! Float helpers run once per token and layer: norms, activations, RoPE.
+//!
+//! Scalar Rust on every ISA, in loops LLVM vectorizes: each is O(width) per
+//! token against the O(width²) of the matrix products, so SIMD versions would
+//! not move the total. Tolerances (checked against f64 references in the
+//! tests): norms and RoPE 1e-5 relative to the row's scale, activations 1e-6
+//! absolute, GELU-erf 1e-6.
+
+/// ONNX `LayerNormalization` over one row, in place:
+/// `(x − mean) / sqrt(var + eps) · gamma + beta` (two-pass mean and variance).
+pub fn layer_norm(x: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
+    assert!(
+        gamma.len() == x.len() && beta.len() == x.len(),
+        "layer norm parameters do not match the row"
+    );
+    if x.is_empty() {
+        return;
+    }
+    let n = x.len() as f32;
+    let mean = x.iter().sum::<f32>() / n;
+    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    let inv = 1.0 / (var + eps).sqrt();
+    for ((v, g), b) in x.iter_mut().zip(gamma).zip(beta) {
+        *v = (*v - mean) * inv * g + b;
+    }
+}
+
+/// RMS norm (Llama's, ONNX `RMSNormalization`) over one row, in place:
+/// `x / sqrt(mean(x²) + eps) · gamma`.
+pub fn rms_norm(x: &mut [f32], gamma: &[f32], eps: f32) {
+    assert_eq!(
+        gamma.len(),
+        x.len(),
+        "RMS norm weights do not match the row"
+    );
+    if x.is_empty() {
+        return;
+    }
+    let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let inv = 1.0 / (ms + eps).sqrt();
+    for (v, g) in x.iter_mut().zip(gamma) {
+        *v *= inv * g;
+    }
+}
+
+/// Logistic sigmoid, `1 / (1 + e^−x)` (saturates cleanly at ±inf).
+#[inline]
+pub fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// SiLU (swish), `x · sigmoid(x)`: Llama's MLP gate.
+#[inline]
+pub fn silu(x: f32) -> f32 {
+    x * sigmoid(x)
+}
+
+/// GELU as ONNX `Gelu` (approximate = "none") and torch's default:
+/// `x/2 · (1 + erf(x/√2))`.
+#[inline]
+pub fn gelu(x: f32) -> f32 {
+    0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+/// GELU with the tanh approximation (GPT-2's `gelu_new`, ONNX `Gelu`
+/// approximate = "tanh").
+#[inline]
+pub fn gelu_tanh(x: f32) -> f32 {
+    const C: f32 = 0.797_884_6; // sqrt(2/π)
+    0.5 * x * (1.0 + (C * (x + 0.044_715 * x * x * x)).tanh())
+}
+
+/// Apply `f` to every element.
+#[inline]
+pub fn map_inplace(x: &mut [f32], f: impl Fn(f32) -> f32) {
+    for v in x {
+        *v = f(*v);
+    }
+}
+
+/// Which dimensions RoPE rotates together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeLayout {
+    /// `(i, i + d/2)`: Hugging Face Llama's `rotate_half`, GPT-NeoX.
+    Half,
+    /// `(2i, 2i + 1)`: GPT-J, Meta's original Llama.
+    Interleaved,
+}
+
+/// Rotary position embedding with precomputed angles for positions
+/// `0..max_pos`: `θ_i = pos · base^(−2i/d)`.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    dim: usize,
+    max_pos: usize,
+    layout: RopeLayout,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl Rope {
+    /// Tables for heads of `dim` (even) values, positions below `max_pos`.
+    pub fn new(dim: usize, max_pos: usize, base: f32, layout: RopeLayout) -> Rope {
+        assert!(
+            dim > 0 && dim.is_multiple_of(2),
+            "RoPE needs an even head size, got {dim}"
+        );
+        let half = dim / 2;
+        let mut cos = Vec::with_capacity(max_pos * half);
+        let mut sin = Vec::with_capacity(max_pos * half);
+        for pos in 0..max_pos {
+            for i in 0..half {
+                // Angles in f64: position × frequency loses precision in f32 at long contexts.
+                let freq = (base as f64).powf(-2.0 * i as f64 / dim as f64);
+                let a = pos as f64 * freq;
+                cos.push(a.cos() as f32);
+                sin.push(a.sin() as f32);
+            }
+        }
+        Rope {
+            dim,
+            max_pos,
+            layout,
+            cos,
+            sin,
+        }
+    }
+
+    /// Head size.
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    /// Rotate every head in `x` (a whole number of heads) for position `pos`.
+    pub fn apply(&self, x: &mut [f32], pos: usize) {
+        assert!(
+            pos < self.max_pos,
+            "position {pos} beyond the RoPE table ({})",
+            self.max_pos
+        );
+        assert!(
+            x.len().is_multiple_of(self.dim),
+            "{} values are not whole heads of {}",
+            x.len(),
+            self.dim
+        );
+        let half = self.dim / 2;
+        let cos = &self.cos[pos * half..(pos + 1) * half];
+        let sin = &self.sin[pos * half..(pos + 1) * half];
+        for head in x.chunks_exact_mut(self.dim) {
+            match self.layout {
+                RopeLayout::Half => {
+                    let (a, b) = head.split_at_mut(half);
+                    for i in 0..half {
+                        let (x0, x1) = (a[i], b[i]);
+                        a[i] = x0 * cos[i] - x1 * sin[i];
+                        b[i] = x1 * cos[i] + x0 * sin[i];
+                    }
+                }
+                RopeLayout::Interleaved => {
+                    for (i, pair) in head.chunks_exact_mut(2).enumerate() {
+                        let (x0, x1) = (pair[0], pair[1]);
+                        pair[0] = x0 * cos[i] - x1 * sin[i];
+                        pair[1] = x1 * cos[i] + x0 * sin[i];
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn row() -> impl Strategy<Value = Vec<f32>> {
+        proptest::collection::vec(-20f32..20.0, 1..300)
+    }
+
+    fn scale(x: &[f32]) -> f64 {
+        x.iter().fold(1.0f64, |m, v| m.max(v.abs() as f64))
+    }
+
+    proptest! {
+        #[test]
+        fn layer_norm_matches_f64(x in row(), g in -2f32..2.0, b in -1f32..1.0) {
+            let n = x.len();
+            let (gamma, beta) = (vec![g; n], vec![b; n]);
+            let mut y = x.clone();
+            layer_norm(&mut y, &gamma, &beta, 1e-5);
+            let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n as f64;
+            let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n as f64;
+            for (i, &v) in x.iter().enumerate() {
+                let want = (v as f64 - mean) / (var + 1e-5).sqrt() * g as f64 + b as f64;
+                prop_assert!((y[i] as f64 - want).abs() <= 1e-5 * scale(&y).max(1.0) * 10.0, "{} vs {}", y[i], want);
+            }
+        }
+
+        #[test]
+        fn rms_norm_matches_f64(x in row(), g in -2f32..2.0) {
+            let n = x.len();
+            let mut y = x.clone();
+            rms_norm(&mut y, &vec![g; n], 1e-6);
+            let ms = x.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / n as f64;
+            for (i, &v) in x.iter().enumerate() {
+                let want = v as f64 / (ms + 1e-6).sqrt() * g as f64;
+                prop_assert!((y[i] as f64 - want).abs() <= 1e-5 * scale(&y).max(1.0), "{} vs {}", y[i], want);
+            }
+        }
+
+        #[test]
+        fn activations_match_f64(v in -30f32..30.0) {
+            let x = v as f64;
+            let sig = 1.0 / (1.0 + (-x).exp());
+            prop_assert!((sigmoid(v) as f64 - sig).abs() <= 1e-6);
+            prop_assert!((silu(v) as f64 - x * sig).abs() <= 1e-6 * x.abs().max(1.0));
+            let ge = 0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2));
+            prop_assert!((gelu(v) as f64 - ge).abs() <= 1e-6 * x.abs().max(1.0));
+            let gt = 0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3))).tanh());
+            prop_assert!((gelu_tanh(v) as f64 - gt).abs() <= 1e-6 * x.abs().max(1.0));
+            prop_assert!((v.tanh() as f64 - x.tanh()).abs() <= 1e-6);
+        }
+
+        #[test]
+        fn rope_matches_f64(heads in 1usize..4, half in 1usize..33, pos in 0usize..2048, seed in any::<u64>(), interleaved in any::<bool>()) {
+            let dim = 2 * half;
+            let layout = if interleaved { RopeLayout::Interleaved } else { RopeLayout::Half };
+            let rope = Rope::new(dim, 2048, 10000.0, layout);
+            let x: Vec<f32> = (0..heads * dim).map(|i| ((i as u64 + 1).wrapping_mul(seed | 1) % 1000) as f32 / 250.0 - 2.0).collect();
+            let mut y = x.clone();
+            rope.apply(&mut y, pos);
+            for h in 0..heads {
+                for i in 0..half {
+                    let (a, b) = match layout { RopeLayout::Half => (i, i + half), RopeLayout::Interleaved => (2 * i, 2 * i + 1) };
+                    let ang = pos as f64 * 10000f64.powf(-2.0 * i as f64 / dim as f64);
+                    let (x0, x1) = (x[h * dim + a] as f64, x[h * dim + b] as f64);
+                    let (w0, w1) = (x0 * ang.cos() - x1 * ang.sin(), x1 * ang.cos() + x0 * ang.sin());
+                    prop_assert!((y[h * dim + a] as f64 - w0).abs() <= 1e-5 * 4.0);
+                    prop_assert!((y[h * dim + b] as f64 - w1).abs() <= 1e-5 * 4.0);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn position_zero_is_the_identity() {
+        let rope = Rope::new(8, 4, 10000.0, RopeLayout::Half);
+        let mut x: Vec<f32> = (0..16).map(|i| i as f32).collect();
+        let before = x.clone();
+        rope.apply(&mut x, 0);
+        assert_eq!(x, before);
+    }
+}
