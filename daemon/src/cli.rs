@@ -1,4 +1,4 @@
-//! Command-line interface: `emberd generate | bench | eval`.
+//! Command-line interface: `emberd serve | query | status | generate | bench | eval`.
 //!
 //! The flags and the JSON printed by `--json` and `bench` are a contract that
 //! tests, scripts and users rely on; change them only with care.
@@ -27,12 +27,90 @@ pub struct Cli {
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Serve the configured models on a Unix socket (OpenAI-compatible HTTP API).
+    Serve(ServeArgs),
+    /// Ask a running daemon for a completion, streaming it to stdout.
+    Query(QueryArgs),
+    /// Show a running daemon's health, models and counters.
+    Status(StatusArgs),
     /// Generate text from a prompt, streaming it to stdout.
     Generate(GenerateArgs),
     /// Measure load time, prefill, time to first token, decode speed and peak memory.
     Bench(BenchArgs),
     /// Perplexity of a model on a text file.
     Eval(EvalArgs),
+}
+
+/// `emberd serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Configuration file (default: /etc/ember/ember.toml and conf.d/*.toml,
+    /// else the bundled demo models).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Socket path (overrides the configuration).
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Serve the model in DIR as NAME (repeatable; overrides the configuration).
+    #[arg(long = "model", value_name = "NAME=DIR", value_parser = parse_model_arg)]
+    pub models: Vec<(String, PathBuf)>,
+    /// Validate the configuration, print it and exit.
+    #[arg(long)]
+    pub check: bool,
+}
+
+fn parse_model_arg(s: &str) -> Result<(String, PathBuf), String> {
+    match s.split_once('=') {
+        Some((n, d)) if !n.is_empty() && !d.is_empty() => Ok((n.to_string(), PathBuf::from(d))),
+        _ => Err(format!("expected NAME=DIR, got {s:?}")),
+    }
+}
+
+/// Where the client connects.
+#[derive(Debug, Args)]
+pub struct SocketArg {
+    /// The daemon's socket (default: the path `emberd serve` uses without configuration).
+    #[arg(long, value_name = "PATH", env = "EMBER_SOCKET")]
+    pub socket: Option<PathBuf>,
+}
+
+impl SocketArg {
+    fn path(&self) -> PathBuf {
+        self.socket
+            .clone()
+            .unwrap_or_else(crate::config::default_socket)
+    }
+}
+
+/// `emberd query`.
+#[derive(Debug, Args)]
+pub struct QueryArgs {
+    #[command(flatten)]
+    pub socket: SocketArg,
+    /// Model name (default: the daemon's first model).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Send the prompt as a chat message.
+    #[arg(long)]
+    pub chat: bool,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 128)]
+    pub max_tokens: usize,
+    /// Sampling temperature (default: the model's configured default).
+    #[arg(long)]
+    pub temperature: Option<f32>,
+    /// Seed for reproducible sampling.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// The prompt.
+    pub prompt: String,
+}
+
+/// `emberd status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub socket: SocketArg,
 }
 
 /// Flags shared by every command that loads a model.
@@ -171,10 +249,91 @@ pub fn main() -> anyhow::Result<()> {
         "ember-kernels in use"
     );
     match cli.command {
+        Command::Serve(a) => cmd_serve(a),
+        Command::Query(a) => cmd_query(a),
+        Command::Status(a) => cmd_status(a),
         Command::Generate(a) => cmd_generate(a),
         Command::Bench(a) => cmd_bench(a),
         Command::Eval(a) => cmd_eval(a),
     }
+}
+
+fn cmd_serve(a: ServeArgs) -> anyhow::Result<()> {
+    let overrides = crate::config::Overrides {
+        config: a.config,
+        socket: a.socket,
+        models: a.models,
+    };
+    let settings = crate::config::load(&overrides)?;
+    if a.check {
+        let src: Vec<String> = settings
+            .sources
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        println!(
+            "configuration OK ({})",
+            if src.is_empty() {
+                "built-in defaults".into()
+            } else {
+                src.join(", ")
+            }
+        );
+        println!(
+            "socket {} (mode {:o})",
+            settings.server.socket.display(),
+            settings.server.socket_mode
+        );
+        for m in &settings.models {
+            println!(
+                "model {}: {} (threads {}, max_batch {}, max_queue {}, timeout {:?})",
+                m.name,
+                m.path.display(),
+                m.threads,
+                m.max_batch,
+                m.max_queue,
+                m.request_timeout
+            );
+        }
+        return Ok(());
+    }
+    crate::serve::run(settings, move || Ok(crate::config::load(&overrides)?))
+}
+
+fn client_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the client runtime")
+}
+
+fn cmd_query(a: QueryArgs) -> anyhow::Result<()> {
+    let q = crate::client::Query {
+        model: a.model,
+        chat: a.chat,
+        prompt: a.prompt,
+        max_tokens: a.max_tokens,
+        temperature: a.temperature,
+        seed: a.seed,
+    };
+    let socket = a.socket.path();
+    let mut out = std::io::stdout().lock();
+    let finish = client_runtime()?.block_on(crate::client::query(&socket, &q, &mut out))?;
+    writeln!(out)?;
+    if std::io::stderr().is_terminal() {
+        eprintln!("[finish_reason: {finish}]");
+    }
+    Ok(())
+}
+
+fn cmd_status(a: StatusArgs) -> anyhow::Result<()> {
+    let socket = a.socket.path();
+    let mut out = std::io::stdout().lock();
+    let ok = client_runtime()?.block_on(crate::client::status(&socket, &mut out))?;
+    if !ok {
+        bail!("the daemon is not ready");
+    }
+    Ok(())
 }
 
 fn cmd_generate(a: GenerateArgs) -> anyhow::Result<()> {

@@ -25,6 +25,8 @@ pub enum FinishReason {
     Stop,
     /// The model produced an end-of-sequence token.
     Eos,
+    /// The request's deadline passed (serving only).
+    Timeout,
 }
 
 impl FinishReason {
@@ -34,6 +36,7 @@ impl FinishReason {
             FinishReason::Length => "length",
             FinishReason::Stop => "stop",
             FinishReason::Eos => "eos",
+            FinishReason::Timeout => "timeout",
         }
     }
 }
@@ -98,6 +101,17 @@ pub struct Usage {
     pub total_tokens: usize,
 }
 
+impl Usage {
+    /// Counts for `prompt` tokens in and `completion` out.
+    pub fn new(prompt: usize, completion: usize) -> Usage {
+        Usage {
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            total_tokens: prompt + completion,
+        }
+    }
+}
+
 /// Wall-clock timings of a request.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Timings {
@@ -109,6 +123,25 @@ pub struct Timings {
     pub decode_ms: f64,
     /// Generated tokens after the first, per second of decode.
     pub decode_tokens_per_s: f64,
+}
+
+impl Timings {
+    /// From the prefill time, the time to first token and the total, for `n`
+    /// generated tokens.
+    pub fn measure(prefill: Duration, ttft: Duration, total: Duration, n: usize) -> Timings {
+        let decode = total.saturating_sub(ttft);
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        Timings {
+            prefill_ms: ms(prefill),
+            ttft_ms: ms(ttft),
+            decode_ms: ms(decode),
+            decode_tokens_per_s: if n > 1 && decode.as_secs_f64() > 0.0 {
+                (n - 1) as f64 / decode.as_secs_f64()
+            } else {
+                0.0
+            },
+        }
+    }
 }
 
 /// The per-request state machine.
@@ -208,6 +241,21 @@ impl Generation {
             text,
             finish: None,
         })
+    }
+
+    /// End the request from outside (deadline): the text still held back,
+    /// which the caller sends before its final message.
+    pub fn interrupt(&mut self, model: &Model, why: FinishReason) -> Result<String, EngineError> {
+        let mut text = self.detok.finish(&model.tokenizer)?;
+        text = match self.stops.push(&text) {
+            StopCheck::Stop(rest) => rest,
+            StopCheck::Continue(mut rest) => {
+                rest.push_str(&self.stops.flush());
+                rest
+            }
+        };
+        self.finish = Some(why);
+        Ok(text)
     }
 
     fn end(&mut self, sampled: Sampled, text: String, why: FinishReason) -> Step {
@@ -320,29 +368,14 @@ pub fn run(
     let total = t0.elapsed();
     let ttft = first.unwrap_or(total);
     let n = gen.output_ids().len();
-    let decode = total.saturating_sub(ttft);
-    let usage = Usage {
-        prompt_tokens: prompt.len(),
-        completion_tokens: n,
-        total_tokens: prompt.len() + n,
-    };
-    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let usage = Usage::new(prompt.len(), n);
     Ok(Completion {
         text,
         token_ids: gen.output_ids().to_vec(),
         prompt_token_ids: prompt,
         finish_reason: gen.finish_reason().unwrap_or(FinishReason::Length),
         usage,
-        timings: Timings {
-            prefill_ms: ms(prefill),
-            ttft_ms: ms(ttft),
-            decode_ms: ms(decode),
-            decode_tokens_per_s: if n > 1 && decode.as_secs_f64() > 0.0 {
-                (n - 1) as f64 / decode.as_secs_f64()
-            } else {
-                0.0
-            },
-        },
+        timings: Timings::measure(prefill, ttft, total, n),
         logprobs: want_logprobs.then_some(lp),
     })
 }

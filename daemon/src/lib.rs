@@ -6,11 +6,25 @@
 //! * [`sample`]: sampling, shared by every front end;
 //! * [`text`]: tokenizer, streaming detokenizer, stop sequences;
 //! * [`generate`]: one request as a state machine over logits;
+//! * [`config`]: `emberd serve`'s TOML configuration, validated;
+//! * [`sched`]: per-model continuous-batching schedulers on their own threads;
+//! * [`api`]: the OpenAI-compatible HTTP API on the Unix socket;
+//! * [`serve`]: socket, accept loop, loading, reload, graceful shutdown;
+//! * [`metrics`]: Prometheus metrics;
+//! * [`template`]: chat templates;
+//! * [`client`]: `emberd query` / `emberd status`;
 //! * [`cli`]: the `emberd` command line.
 
+pub mod api;
 pub mod cli;
+pub mod client;
+pub mod config;
 pub mod engine;
 pub mod generate;
+pub mod metrics;
 pub mod model;
 pub mod sample;
+pub mod sched;
+pub mod serve;
+pub mod template;
 pub mod text;

@@ -95,3 +95,221 @@ pub fn golden(model_dir: &Path) -> Golden {
     let text = std::fs::read_to_string(model_dir.join("golden.json")).expect("golden.json");
     serde_json::from_str(&text).expect("golden.json parses")
 }
+
+/// An `emberd serve` process on a socket in its own temporary directory,
+/// queried with the real `curl --unix-socket`. Killed when dropped.
+#[derive(Debug)]
+pub struct Daemon {
+    child: Option<std::process::Child>,
+    /// The socket.
+    pub socket: PathBuf,
+    /// The configuration file.
+    pub config: PathBuf,
+    /// The temporary directory (socket, config, logs).
+    pub dir: tempfile::TempDir,
+}
+
+/// A `curl` result: HTTP status, headers, body.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    /// HTTP status (0 when the connection failed).
+    pub status: u16,
+    /// Raw response headers.
+    pub headers: String,
+    /// Body.
+    pub body: String,
+}
+
+impl Reply {
+    /// The body as JSON (panics with the body when it is not).
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+
+    /// The text of an SSE stream's chunks (completion `text` or chat
+    /// `delta.content`), the last chunk's finish reason, and whether it ended
+    /// with `[DONE]`.
+    pub fn sse_text(&self) -> (String, Option<String>, bool) {
+        let mut text = String::new();
+        let mut finish = None;
+        let mut done = false;
+        for line in self.body.lines() {
+            let Some(d) = line.strip_prefix("data: ") else {
+                continue;
+            };
+            if d == "[DONE]" {
+                done = true;
+                continue;
+            }
+            let v: serde_json::Value =
+                serde_json::from_str(d).unwrap_or_else(|e| panic!("bad chunk {d}: {e}"));
+            assert!(v.get("error").is_none(), "error chunk: {d}");
+            let c = &v["choices"][0];
+            if let Some(t) = c["text"]
+                .as_str()
+                .or_else(|| c["delta"]["content"].as_str())
+            {
+                text.push_str(t);
+            }
+            if let Some(f) = c["finish_reason"].as_str() {
+                finish = Some(f.to_string());
+            }
+        }
+        (text, finish, done)
+    }
+}
+
+/// Run curl against `socket`; `args` are extra curl arguments.
+pub fn curl(socket: &Path, method: &str, path: &str, body: Option<&str>, args: &[&str]) -> Reply {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let headers = dir.path().join("headers");
+    let mut c = Command::new("curl");
+    c.arg("-sS")
+        .arg("--unix-socket")
+        .arg(socket)
+        .arg("-X")
+        .arg(method)
+        .arg("-D")
+        .arg(&headers)
+        .arg("-w")
+        .arg("\n%{http_code}")
+        .args(args);
+    if let Some(b) = body {
+        c.arg("-H")
+            .arg("content-type: application/json")
+            .arg("--data-binary")
+            .arg(b);
+    }
+    c.arg(format!("http://localhost{path}"));
+    let out = c.output().expect("run curl (apt install curl)");
+    let mut all = String::from_utf8_lossy(&out.stdout).into_owned();
+    let code_at = all.rfind('\n').map_or(0, |i| i + 1);
+    let status = all[code_at..].trim().parse().unwrap_or(0);
+    all.truncate(code_at.saturating_sub(1));
+    Reply {
+        status,
+        headers: std::fs::read_to_string(&headers).unwrap_or_default(),
+        body: all,
+    }
+}
+
+impl Daemon {
+    /// Start `emberd serve --config` with `config` (TOML; `SOCKET` is replaced
+    /// by the socket path, `MODELS` by the demo models folder) and wait until
+    /// `/health` says ready.
+    pub fn start(config: &str) -> Daemon {
+        Daemon::start_in(tempfile::tempdir().expect("tempdir"), config)
+    }
+
+    /// [`Daemon::start`] in a prepared directory (the socket is `ember.sock` in it).
+    pub fn start_in(dir: tempfile::TempDir, config: &str) -> Daemon {
+        let socket = dir.path().join("ember.sock");
+        let path = dir.path().join("ember.toml");
+        Daemon::write_config(&path, &socket, config);
+        let log = std::fs::File::create(dir.path().join("emberd.log")).expect("log file");
+        let child = Command::new(emberd_bin())
+            .arg("serve")
+            .arg("--config")
+            .arg(&path)
+            .env_remove("RUST_BACKTRACE")
+            .env("EMBER_LOG", "info")
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start emberd serve");
+        let mut d = Daemon {
+            child: Some(child),
+            socket,
+            config: path,
+            dir,
+        };
+        d.wait_ready();
+        d
+    }
+
+    fn write_config(path: &Path, socket: &Path, config: &str) {
+        let text = config
+            .replace("SOCKET", &socket.display().to_string())
+            .replace("MODELS", &root().join("models").display().to_string());
+        std::fs::write(path, text).expect("write config");
+    }
+
+    /// Replace the configuration file (for SIGHUP reloads).
+    pub fn rewrite_config(&self, config: &str) {
+        Daemon::write_config(&self.config, &self.socket, config);
+    }
+
+    /// Wait for `/health` to answer 200 (panics with the log after 60 s or
+    /// if the daemon exits).
+    pub fn wait_ready(&mut self) {
+        let t0 = std::time::Instant::now();
+        loop {
+            if let Some(st) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("emberd exited early ({st}):\n{}", self.log());
+            }
+            if self.socket.exists() && self.get("/health").status == 200 {
+                return;
+            }
+            assert!(
+                t0.elapsed() < std::time::Duration::from_secs(60),
+                "emberd not ready after 60 s:\n{}",
+                self.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// The daemon's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("emberd.log")).unwrap_or_default()
+    }
+
+    /// GET `path`.
+    pub fn get(&self, path: &str) -> Reply {
+        curl(&self.socket, "GET", path, None, &[])
+    }
+
+    /// POST JSON `body` to `path`.
+    pub fn post(&self, path: &str, body: &str) -> Reply {
+        curl(&self.socket, "POST", path, Some(body), &[])
+    }
+
+    /// Send a signal (`"TERM"`, `"HUP"`, ...) with `kill`.
+    pub fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        let st = Command::new("kill")
+            .args([&format!("-{sig}"), &pid])
+            .status()
+            .expect("kill");
+        assert!(st.success(), "kill -{sig} {pid} failed");
+    }
+
+    /// Wait for the process to exit (panics after `secs`).
+    pub fn wait_exit(&mut self, secs: u64) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let t0 = std::time::Instant::now();
+        loop {
+            if let Some(st) = child.try_wait().expect("wait") {
+                return st;
+            }
+            if t0.elapsed() > std::time::Duration::from_secs(secs) {
+                let _ = child.kill();
+                panic!("emberd did not exit within {secs} s:\n{}", self.log());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

@@ -52,6 +52,19 @@ pub struct SeqState {
 }
 
 /// Whether a forward pass returns logits for every position or the last only.
+/// One sequence's part of a batched step ([`Backend::forward_batch`]).
+#[derive(Debug)]
+pub struct BatchItem<'a> {
+    /// The sequence.
+    pub state: &'a mut SeqState,
+    /// Tokens to feed (one while decoding).
+    pub tokens: &'a [u32],
+    /// Receives the logits of the last position.
+    pub logits: &'a mut Vec<f32>,
+    /// Set by the backend: this item's outcome.
+    pub result: Result<(), EngineError>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Logits {
     /// `[vocab]`: what decoding needs.
@@ -79,6 +92,15 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         out: &mut Vec<f32>,
     ) -> Result<(), EngineError>;
     /// [`Backend::forward`], timing each operator into `profile`.
+    /// One step for several sequences (continuous batching), logits of each
+    /// item's last position into its `logits`. The default steps them one after
+    /// another; a backend that can runs them as one batched product.
+    fn forward_batch(&self, items: &mut [BatchItem<'_>]) {
+        for it in items.iter_mut() {
+            it.result = self.forward(it.state, it.tokens, Logits::Last, it.logits);
+        }
+    }
+
     fn forward_profiled(
         &self,
         state: &mut SeqState,
