@@ -133,6 +133,7 @@ impl ModelArgs {
             &self.model,
             &LoadOptions {
                 threads: self.threads,
+                ..Default::default()
             },
         )
         .with_context(|| format!("cannot load model {}", self.model.display()))

@@ -18,7 +18,7 @@
 //!
 //! [models.kjv-gpt2]
 //! path = "/usr/share/ember/models/kjv-gpt2"
-//! threads = 1
+//! threads = 2                # default: the CPUs, at most 4; a batch's sequences run in parallel
 //! max_batch = 8              # sequences decoded together (bounds KV memory)
 //! max_queue = 32             # requests waiting; more get "busy" (HTTP 429)
 //! max_tokens = 128           # default when a request says nothing
@@ -133,7 +133,7 @@ pub struct ModelSettings {
     pub name: String,
     /// Model directory.
     pub path: PathBuf,
-    /// Threads for inference.
+    /// Threads for inference: a batched step spreads its sequences over them.
     pub threads: usize,
     /// Sequences decoded together (the KV-memory bound).
     pub max_batch: usize,
@@ -300,6 +300,11 @@ pub fn load_from(overrides: &Overrides, system: &Path) -> Result<Settings, Confi
     Ok(s)
 }
 
+/// Threads a model uses by default: the CPUs available, at most 4.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
+}
+
 fn positive(
     key: String,
     v: Option<usize>,
@@ -409,7 +414,7 @@ fn validate(file: FileConfig, o: &Overrides) -> Result<Settings, ConfigError> {
             positive(key("max_context"), Some(c), c, 1 << 24)?;
         }
         models.push(ModelSettings {
-            threads: positive(key("threads"), m.threads, 1, 256)?,
+            threads: positive(key("threads"), m.threads, default_threads(), 256)?,
             max_batch: positive(key("max_batch"), m.max_batch, 8, 256)?,
             max_queue: positive(key("max_queue"), m.max_queue, 32, 1 << 16)?,
             max_context: m.max_context,

@@ -179,6 +179,8 @@ pub struct EmberToml {
     /// I/O names; `{i}` stands for the layer index.
     #[serde(default)]
     pub io: IoNames,
+    /// Jinja chat template (overrides `tokenizer_config.json`'s).
+    pub chat_template: Option<String>,
 }
 
 /// Graph I/O names, defaulting to the conventions in the module docs.

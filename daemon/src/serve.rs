@@ -128,17 +128,27 @@ pub fn load_model(s: &ModelSettings, metrics: &Metrics) -> Result<Served, LoadEr
         name: s.name.clone(),
         source,
     };
-    let mut model = Model::load(&s.path, &LoadOptions { threads: s.threads }).map_err(fail)?;
+    // Serving spreads a batch's sequences over the model's threads, each
+    // sequence single-threaded (tract's intra-op threads do not pay off here).
+    let opts = LoadOptions {
+        threads: 1,
+        batch_threads: s.threads,
+    };
+    let mut model = Model::load(&s.path, &opts).map_err(fail)?;
     if let Some(cap) = s.max_context {
         model.context = Some(model.context.map_or(cap, |c| c.min(cap)));
     }
-    let template =
-        ChatTemplate::for_model(&s.path, s.chat_template.as_deref()).map_err(|reason| {
-            fail(ModelError::Config {
-                path: s.path.join("tokenizer_config.json"),
-                reason,
-            })
-        })?;
+    let template = ChatTemplate::for_model(
+        &s.path,
+        s.chat_template.as_deref(),
+        model.dir.ember.chat_template.as_deref(),
+    )
+    .map_err(|reason| {
+        fail(ModelError::Config {
+            path: s.path.join("tokenizer_config.json"),
+            reason,
+        })
+    })?;
     let mm = metrics.model(&s.name);
     mm.load_seconds.set(model.load_time.as_secs_f64());
     let model = Arc::new(model);

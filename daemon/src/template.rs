@@ -1,8 +1,8 @@
 //! Chat templates: the Jinja template that turns `messages` into a prompt,
 //! rendered with minijinja (the engine Hugging Face templates are written
 //! for). Taken from, in order: the model's `chat_template` setting in the
-//! daemon config, `tokenizer_config.json`'s `chat_template` in the model
-//! directory, else a plain "Role: text" template for base models such as the
+//! daemon config, `chat_template` in the model directory's `ember.toml`,
+//! `tokenizer_config.json`'s `chat_template`, else a plain "Role: text" template for base models such as the
 //! demo models (which also stops generation at the next "\nUser:").
 
 use std::path::Path;
@@ -55,8 +55,13 @@ fn token_text(v: &Option<serde_json::Value>) -> String {
 }
 
 impl ChatTemplate {
-    /// The template for the model in `dir`, `configured` (daemon config) first.
-    pub fn for_model(dir: &Path, configured: Option<&str>) -> Result<ChatTemplate, String> {
+    /// The template for the model in `dir`: `configured` (daemon config), else
+    /// `from_model` (its ember.toml), else its tokenizer_config.json, else the default.
+    pub fn for_model(
+        dir: &Path,
+        configured: Option<&str>,
+        from_model: Option<&str>,
+    ) -> Result<ChatTemplate, String> {
         let cfg: TokenizerConfig = std::fs::read_to_string(dir.join("tokenizer_config.json"))
             .ok()
             .and_then(|t| serde_json::from_str(&t).ok())
@@ -71,7 +76,7 @@ impl ChatTemplate {
             }),
             _ => None,
         };
-        let (source, stops) = match (configured, from_file) {
+        let (source, stops) = match (configured.or(from_model), from_file) {
             (Some(c), _) => (c.to_string(), vec![]),
             (None, Some(f)) => (f, vec![]),
             (None, None) => (DEFAULT_TEMPLATE.to_string(), vec!["\nUser:".to_string()]),
@@ -141,7 +146,7 @@ mod tests {
     #[test]
     fn default_template_renders_roles() {
         let d = tempfile::tempdir().unwrap();
-        let t = ChatTemplate::for_model(d.path(), None).unwrap();
+        let t = ChatTemplate::for_model(d.path(), None, None).unwrap();
         let p = t
             .render(&msgs(&[
                 ("system", "Be brief."),
@@ -160,13 +165,16 @@ mod tests {
             r#"{"bos_token": "<s>", "chat_template": "{{ bos_token }}{% for m in messages %}{% if m.role == 'tool' %}{{ raise_exception('no tools') }}{% endif %}[{{ m.role }}]{{ m.content }}{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}"}"#,
         )
         .unwrap();
-        let t = ChatTemplate::for_model(d.path(), None).unwrap();
+        let t = ChatTemplate::for_model(d.path(), None, None).unwrap();
         assert_eq!(
             t.render(&msgs(&[("user", "hi")])).unwrap(),
             "<s>[user]hi[assistant]"
         );
         let e = t.render(&msgs(&[("tool", "x")])).unwrap_err();
         assert!(e.contains("no tools"), "{e}");
-        assert!(ChatTemplate::for_model(d.path(), Some("{% for %}")).is_err());
+        assert!(ChatTemplate::for_model(d.path(), Some("{% for %}"), None).is_err());
+        let t =
+            ChatTemplate::for_model(d.path(), None, Some("<{{ messages[0].content }}>")).unwrap();
+        assert_eq!(t.render(&msgs(&[("user", "hi")])).unwrap(), "<hi>");
     }
 }

@@ -606,3 +606,43 @@ fn a_bad_configuration_names_the_key_and_a_missing_model_fails_fast() {
     );
     assert!(!sock.exists(), "socket cleaned up after a failed start");
 }
+
+#[test]
+fn a_listener_passed_by_socket_activation_is_used() {
+    // systemd-socket-activate (Debian's systemd package) binds the socket and
+    // starts emberd on the first connection with LISTEN_FDS=1, LISTEN_PID.
+    let dir = tempfile::tempdir().unwrap();
+    let passed = dir.path().join("activated.sock");
+    let configured = dir.path().join("configured.sock");
+    let cfg = dir.path().join("ember.toml");
+    std::fs::write(
+        &cfg,
+        config(4, 4, 60.0)
+            .replace("SOCKET", &configured.display().to_string())
+            .replace("MODELS", &ember_tests::root().join("models").display().to_string()),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new("systemd-socket-activate")
+        .arg("-l")
+        .arg(&passed)
+        .arg(ember_tests::emberd_bin())
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("systemd-socket-activate (apt install systemd)");
+    let t0 = Instant::now();
+    let health = loop {
+        let r = curl(&passed, "GET", "/health", None, &[]);
+        if r.status == 200 || t0.elapsed() > Duration::from_secs(60) {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(health.status, 200, "{}", health.body);
+    let r = curl(&passed, "POST", "/v1/completions", Some(&greedy("kjv-gpt2", "And", 4, false)), &[]);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(!configured.exists(), "the daemon used the passed listener, not its configured socket");
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -151,11 +151,17 @@ impl Profile {
 pub struct LoadOptions {
     /// Threads for one forward pass.
     pub threads: usize,
+    /// Threads a batched step spreads its sequences over (serving); each
+    /// sequence then runs single-threaded.
+    pub batch_threads: usize,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { threads: 1 }
+        LoadOptions {
+            threads: 1,
+            batch_threads: 1,
+        }
     }
 }
 

@@ -14,7 +14,7 @@ use tract_onnx::pb;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::runtime::RunOptions;
 
-use super::{Backend, EngineError, LoadOptions, Logits, Profile, SeqState};
+use super::{Backend, BatchItem, EngineError, LoadOptions, Logits, Profile, SeqState};
 use crate::model::{self, Family, ModelDir, ModelError};
 
 type Plan = Arc<TypedRunnableModel>;
@@ -30,6 +30,8 @@ pub struct TractBackend {
     /// Position of logits and state outputs in the plan's output list.
     logits_out: usize,
     state_out: Vec<usize>,
+    /// Spreads a batched step's sequences over threads (serving), when > 1.
+    batch_pool: Option<rayon::ThreadPool>,
 }
 
 #[derive(Debug)]
@@ -195,7 +197,22 @@ impl TractBackend {
             .into_runnable_with_options(&run_opts)
             .map_err(tract_err(dir, "plan the graph"))?;
         let n_state = out_names.len() - 1;
+        let batch_pool = if opts.batch_threads > 1 {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(opts.batch_threads)
+                .thread_name(|i| format!("tract-batch-{i}"))
+                .build()
+                .map_err(|e| ModelError::Tract {
+                    path: dir.onnx.clone(),
+                    stage: "start the batch threads",
+                    reason: e.to_string(),
+                })?;
+            Some(pool)
+        } else {
+            None
+        };
         Ok(TractBackend {
+            batch_pool,
             family,
             plan,
             vocab,
@@ -341,6 +358,19 @@ impl Backend for TractBackend {
         out: &mut Vec<f32>,
     ) -> Result<(), EngineError> {
         self.forward_impl(state, tokens, which, out, None)
+    }
+
+    /// The sequences of a step are independent: with `batch_threads` > 1 they
+    /// run in parallel, one per thread at a time (each single-threaded).
+    fn forward_batch(&self, items: &mut [BatchItem<'_>]) {
+        use rayon::prelude::*;
+        let run = |it: &mut BatchItem<'_>| {
+            it.result = self.forward(it.state, it.tokens, Logits::Last, it.logits);
+        };
+        match &self.batch_pool {
+            Some(pool) if items.len() > 1 => pool.install(|| items.par_iter_mut().for_each(run)),
+            _ => items.iter_mut().for_each(run),
+        }
     }
 
     fn forward_profiled(
