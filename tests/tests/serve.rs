@@ -619,7 +619,10 @@ fn a_listener_passed_by_socket_activation_is_used() {
         &cfg,
         config(4, 4, 60.0)
             .replace("SOCKET", &configured.display().to_string())
-            .replace("MODELS", &ember_tests::root().join("models").display().to_string()),
+            .replace(
+                "MODELS",
+                &ember_tests::root().join("models").display().to_string(),
+            ),
     )
     .unwrap();
     let mut child = std::process::Command::new("systemd-socket-activate")
@@ -640,9 +643,18 @@ fn a_listener_passed_by_socket_activation_is_used() {
         std::thread::sleep(Duration::from_millis(100));
     };
     assert_eq!(health.status, 200, "{}", health.body);
-    let r = curl(&passed, "POST", "/v1/completions", Some(&greedy("kjv-gpt2", "And", 4, false)), &[]);
+    let r = curl(
+        &passed,
+        "POST",
+        "/v1/completions",
+        Some(&greedy("kjv-gpt2", "And", 4, false)),
+        &[],
+    );
     assert_eq!(r.status, 200, "{}", r.body);
-    assert!(!configured.exists(), "the daemon used the passed listener, not its configured socket");
+    assert!(
+        !configured.exists(),
+        "the daemon used the passed listener, not its configured socket"
+    );
     let _ = child.kill();
     let _ = child.wait();
 }
