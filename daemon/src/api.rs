@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -190,6 +190,54 @@ impl ApiError {
         }})
     }
 
+    /// The JSON body.
+    pub fn body_json(&self) -> Value {
+        self.body()
+    }
+
+    /// The message.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// The HTTP status code.
+    pub fn status_code(&self) -> u16 {
+        self.status.as_u16()
+    }
+
+    /// The metrics outcome label (`invalid`, `busy`, `error`).
+    pub fn outcome_label(&self) -> &'static str {
+        self.outcome()
+    }
+
+    /// A payload over the size limit.
+    pub fn too_large(message: &str) -> ApiError {
+        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", message)
+    }
+
+    /// A payload that is not usable JSON.
+    pub fn invalid_json(message: &str) -> ApiError {
+        ApiError::bad("invalid_json", message)
+    }
+
+    /// A request whose time to start had passed.
+    pub fn expired() -> ApiError {
+        ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "expired",
+            "the request expired before it could start",
+        )
+    }
+
+    /// The daemon is stopping.
+    pub fn shutting_down() -> ApiError {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "the request was dropped (daemon shutting down)",
+        )
+    }
+
     fn outcome(&self) -> &'static str {
         match self.status.as_u16() {
             429 => "busy",
@@ -221,6 +269,7 @@ impl From<EngineError> for ApiError {
             EngineError::BadToken(..) => ApiError::bad("invalid_token", e.to_string()),
             EngineError::Params(p) => ApiError::bad("invalid_value", e.to_string()).param(p.field),
             EngineError::Text(_) => ApiError::bad("invalid_text", e.to_string()),
+            EngineError::Expired => ApiError::expired(),
             EngineError::Run(_) => ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "inference_failed",
@@ -243,8 +292,11 @@ fn body_error(r: BytesRejection) -> ApiError {
 }
 
 fn parse<T: for<'de> Deserialize<'de>>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
-    let body = body.map_err(body_error)?;
-    serde_json::from_slice(&body).map_err(|e| {
+    parse_bytes(&body.map_err(body_error)?)
+}
+
+fn parse_bytes<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
         ApiError::bad(
             "invalid_json",
             format!("request body is not valid JSON for this endpoint: {e}"),
@@ -429,8 +481,9 @@ enum Kind {
     Chat,
 }
 
-/// A request accepted by a scheduler, waiting for its first event.
-struct Running {
+/// A request accepted by a scheduler: its events, and what shapes its replies.
+#[derive(Debug)]
+pub struct Running {
     metrics: Arc<Metrics>,
     id: String,
     kind: Kind,
@@ -445,52 +498,67 @@ async fn completions(
     Extension(peer): Extension<Peer>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let r = completion_inner(&app, peer, body).await;
-    respond(&app, r).await
+    let r = async {
+        let body = body.map_err(body_error)?;
+        let p = prepare_completion(&app, &body)?;
+        start(&app, peer, p).await
+    };
+    respond(&app, r.await).await
 }
 
-async fn completion_inner(
-    app: &Arc<App>,
-    peer: Peer,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Reply, (ApiError, String)> {
-    {
-        let req: CompletionRequest = parse(body)?;
-        let served = find_model(app, req.common.model.as_deref())?;
-        let name = served.settings.name.clone();
-        let tag = |e: ApiError| (e, name.clone());
-        if req.logprobs.is_some_and(|n| n > MAX_LOGPROBS) {
+/// A validated generation request, ready for its model's scheduler.
+#[derive(Debug)]
+pub struct Prepared {
+    served: Arc<Served>,
+    kind: Kind,
+    ids: Vec<u32>,
+    params: GenerateParams,
+    /// Whether the client asked for streaming.
+    pub stream: bool,
+    logprobs: bool,
+}
+
+impl Prepared {
+    /// The model's name.
+    pub fn model(&self) -> &str {
+        &self.served.settings.name
+    }
+}
+
+/// Parse and validate a completion request (HTTP body or MQTT payload).
+pub fn prepare_completion(app: &App, body: &[u8]) -> Result<Prepared, Refusal> {
+    let req: CompletionRequest = parse_bytes(body)?;
+    let served = find_model(app, req.common.model.as_deref())?;
+    let name = served.settings.name.clone();
+    let tag = |e: ApiError| Refusal::new(e, name.clone());
+    if req.logprobs.is_some_and(|n| n > MAX_LOGPROBS) {
+        return Err(tag(ApiError::bad(
+            "invalid_value",
+            format!("logprobs must be 0 to {MAX_LOGPROBS}"),
+        )
+        .param("logprobs")));
+    }
+    let params = params(&served, &req.common, req.logprobs).map_err(tag)?;
+    let ids = match &req.prompt {
+        Prompt::Text(t) => encode(&served, t).map_err(tag)?,
+        Prompt::Texts(v) if v.len() == 1 => encode(&served, &v[0]).map_err(tag)?,
+        Prompt::Texts(_) => {
             return Err(tag(ApiError::bad(
                 "invalid_value",
-                format!("logprobs must be 0 to {MAX_LOGPROBS}"),
+                "prompt must be one string (batches of prompts: send one request each)",
             )
-            .param("logprobs")));
+            .param("prompt")))
         }
-        let params = params(&served, &req.common, req.logprobs).map_err(tag)?;
-        let ids = match &req.prompt {
-            Prompt::Text(t) => encode(&served, t).map_err(tag)?,
-            Prompt::Texts(v) if v.len() == 1 => encode(&served, &v[0]).map_err(tag)?,
-            Prompt::Texts(_) => {
-                return Err(tag(ApiError::bad(
-                    "invalid_value",
-                    "prompt must be one string (batches of prompts: send one request each)",
-                )
-                .param("prompt")))
-            }
-            Prompt::Ids(ids) => ids.clone(),
-        };
-        start(
-            app,
-            peer,
-            served,
-            Kind::Completion,
-            ids,
-            params,
-            req.common.stream,
-            req.logprobs.is_some(),
-        )
-        .await
-    }
+        Prompt::Ids(ids) => ids.clone(),
+    };
+    Ok(Prepared {
+        served,
+        kind: Kind::Completion,
+        ids,
+        params,
+        stream: req.common.stream,
+        logprobs: req.logprobs.is_some(),
+    })
 }
 
 async fn chat_completions(
@@ -498,56 +566,52 @@ async fn chat_completions(
     Extension(peer): Extension<Peer>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let r = chat_inner(&app, peer, body).await;
-    respond(&app, r).await
+    let r = async {
+        let body = body.map_err(body_error)?;
+        let p = prepare_chat(&app, &body)?;
+        start(&app, peer, p).await
+    };
+    respond(&app, r.await).await
 }
 
-async fn chat_inner(
-    app: &Arc<App>,
-    peer: Peer,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Reply, (ApiError, String)> {
-    {
-        let req: ChatRequest = parse(body)?;
-        let served = find_model(app, req.common.model.as_deref())?;
-        let name = served.settings.name.clone();
-        let tag = |e: ApiError| (e, name.clone());
-        if req.messages.is_empty() {
-            return Err(tag(
-                ApiError::bad("invalid_value", "messages is empty").param("messages")
-            ));
-        }
-        let top = if req.logprobs {
-            Some(req.top_logprobs.unwrap_or(0))
-        } else {
-            None
-        };
-        if top.is_some_and(|n| n > MAX_LOGPROBS) {
-            return Err(tag(ApiError::bad(
-                "invalid_value",
-                format!("top_logprobs must be 0 to {MAX_LOGPROBS}"),
-            )
-            .param("top_logprobs")));
-        }
-        let mut params = params(&served, &req.common, top).map_err(tag)?;
-        let prompt = served
-            .template
-            .render(&req.messages)
-            .map_err(|e| tag(ApiError::bad("invalid_messages", e).param("messages")))?;
-        params.stop.extend(served.template.stops().iter().cloned());
-        let ids = encode(&served, &prompt).map_err(tag)?;
-        start(
-            app,
-            peer,
-            served,
-            Kind::Chat,
-            ids,
-            params,
-            req.common.stream,
-            req.logprobs,
-        )
-        .await
+/// Parse and validate a chat request (HTTP body or MQTT payload).
+pub fn prepare_chat(app: &App, body: &[u8]) -> Result<Prepared, Refusal> {
+    let req: ChatRequest = parse_bytes(body)?;
+    let served = find_model(app, req.common.model.as_deref())?;
+    let name = served.settings.name.clone();
+    let tag = |e: ApiError| Refusal::new(e, name.clone());
+    if req.messages.is_empty() {
+        return Err(tag(
+            ApiError::bad("invalid_value", "messages is empty").param("messages")
+        ));
     }
+    let top = if req.logprobs {
+        Some(req.top_logprobs.unwrap_or(0))
+    } else {
+        None
+    };
+    if top.is_some_and(|n| n > MAX_LOGPROBS) {
+        return Err(tag(ApiError::bad(
+            "invalid_value",
+            format!("top_logprobs must be 0 to {MAX_LOGPROBS}"),
+        )
+        .param("top_logprobs")));
+    }
+    let mut params = params(&served, &req.common, top).map_err(tag)?;
+    let prompt = served
+        .template
+        .render(&req.messages)
+        .map_err(|e| tag(ApiError::bad("invalid_messages", e).param("messages")))?;
+    params.stop.extend(served.template.stops().iter().cloned());
+    let ids = encode(&served, &prompt).map_err(tag)?;
+    Ok(Prepared {
+        served,
+        kind: Kind::Chat,
+        ids,
+        params,
+        stream: req.common.stream,
+        logprobs: req.logprobs,
+    })
 }
 
 fn encode(served: &Served, text: &str) -> Result<Vec<u32>, ApiError> {
@@ -563,50 +627,78 @@ enum Reply {
     Stream(Response),
 }
 
-async fn respond(app: &App, r: Result<Reply, (ApiError, String)>) -> Response {
+async fn respond(app: &App, r: Result<Reply, Refusal>) -> Response {
     match r {
         Ok(Reply::Json(v)) => Json(v).into_response(),
         Ok(Reply::Stream(s)) => s,
-        Err((e, model)) => {
+        Err(r) => {
+            let (e, model) = r.into_parts();
             app.metrics.outcome(&model, e.outcome());
             e.into_response()
         }
     }
 }
 
-impl From<ApiError> for (ApiError, String) {
-    fn from(e: ApiError) -> Self {
-        (e, String::new())
+/// A refused request: the error, and the model it named (empty when none),
+/// for the metrics. Boxed: it travels through `Result`s on every path.
+#[derive(Debug)]
+pub struct Refusal(Box<(ApiError, String)>);
+
+impl Refusal {
+    /// `error` for `model`.
+    pub fn new(error: ApiError, model: String) -> Refusal {
+        Refusal(Box::new((error, model)))
+    }
+
+    /// The error.
+    pub fn error(&self) -> &ApiError {
+        &self.0 .0
+    }
+
+    /// The model named ("" when none was resolved).
+    pub fn model(&self) -> &str {
+        &self.0 .1
+    }
+
+    /// Both parts.
+    pub fn into_parts(self) -> (ApiError, String) {
+        *self.0
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn start(
-    app: &Arc<App>,
-    peer: Peer,
-    served: Arc<Served>,
-    kind: Kind,
-    prompt_ids: Vec<u32>,
-    params: GenerateParams,
-    stream: bool,
-    logprobs: bool,
-) -> Result<Reply, (ApiError, String)> {
+impl From<ApiError> for Refusal {
+    fn from(e: ApiError) -> Self {
+        Refusal::new(e, String::new())
+    }
+}
+
+/// Queue a prepared request on its model's scheduler; the returned stream of
+/// events is the request (dropping it cancels).
+pub fn submit(
+    app: &App,
+    p: Prepared,
+    origin: &str,
+    start_by: Option<Duration>,
+) -> Result<Running, Refusal> {
+    let served = p.served;
     let model = served.settings.name.clone();
     let n = app.next_id.fetch_add(1, Ordering::Relaxed);
-    let id = match kind {
+    let id = match p.kind {
         Kind::Completion => format!("cmpl-{n}"),
         Kind::Chat => format!("chatcmpl-{n}"),
     };
     let (tx, rx) = unbounded_channel();
     let now = Instant::now();
+    let timeout = served.settings.request_timeout;
     let job = Job {
-        prompt_ids,
-        params,
+        prompt_ids: p.ids,
+        params: p.params,
         received: now,
-        deadline: now + served.settings.request_timeout,
+        deadline: now + timeout,
+        start_by: start_by.map(|d| now + d),
         events: tx,
     };
-    tracing::info!(request = %id, model = %model, peer_uid = peer.uid, peer_pid = ?peer.pid, stream, "request");
+    tracing::info!(request = %id, model = %model, origin, stream = p.stream, "request");
     if let Err(e) = served.sched.submit(job) {
         let err = match e {
             SubmitError::Busy(q, _job) => {
@@ -624,21 +716,44 @@ async fn start(
                 format!("model {model} is shutting down"),
             ),
         };
-        return Err((err, model));
+        return Err(Refusal::new(err, model));
     }
-    let run = Running {
+    Ok(Running {
         metrics: app.metrics.clone(),
         id,
-        kind,
-        model: model.clone(),
+        kind: p.kind,
+        model,
         served,
         rx,
-        logprobs,
-    };
+        logprobs: p.logprobs,
+    })
+}
+
+async fn start(app: &Arc<App>, peer: Peer, p: Prepared) -> Result<Reply, Refusal> {
+    let origin = format!(
+        "uid {} pid {}",
+        peer.uid,
+        peer.pid.map_or("?".into(), |p| p.to_string())
+    );
+    let stream = p.stream;
+    let run = submit(app, p, &origin, None)?;
+    let model = run.model.clone();
     if stream {
-        stream_reply(run).await.map_err(|e| (e, model))
+        stream_reply(run).await.map_err(|e| Refusal::new(e, model))
     } else {
-        collect(run).await.map_err(|e| (e, model))
+        collect(run).await.map_err(|e| Refusal::new(e, model))
+    }
+}
+
+impl Running {
+    /// The model's name.
+    pub fn model(&self) -> &str {
+        &self.model
+    }
+
+    /// The next event; `None` once the scheduler let go of the request.
+    pub async fn next_event(&mut self) -> Option<Event> {
+        self.rx.recv().await
     }
 }
 

@@ -54,6 +54,12 @@ pub struct ServeArgs {
     /// Serve the model in DIR as NAME (repeatable; overrides the configuration).
     #[arg(long = "model", value_name = "NAME=DIR", value_parser = parse_model_arg)]
     pub models: Vec<(String, PathBuf)>,
+    /// Also serve over MQTT through this broker (overrides `[mqtt] broker`).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub mqtt_broker: Option<String>,
+    /// This daemon's id in MQTT topics (default: the hostname).
+    #[arg(long, value_name = "ID")]
+    pub device_id: Option<String>,
     /// Validate the configuration, print it and exit.
     #[arg(long)]
     pub check: bool,
@@ -264,6 +270,8 @@ fn cmd_serve(a: ServeArgs) -> anyhow::Result<()> {
         config: a.config,
         socket: a.socket,
         models: a.models,
+        mqtt_broker: a.mqtt_broker,
+        device_id: a.device_id,
     };
     let settings = crate::config::load(&overrides)?;
     if a.check {
@@ -285,6 +293,9 @@ fn cmd_serve(a: ServeArgs) -> anyhow::Result<()> {
             settings.server.socket.display(),
             settings.server.socket_mode
         );
+        if let Some(m) = &settings.mqtt {
+            println!("mqtt {m:?}");
+        }
         for m in &settings.models {
             println!(
                 "model {}: {} (threads {}, max_batch {}, max_queue {}, timeout {:?})",

@@ -81,6 +81,26 @@ fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
 struct FileConfig {
     server: ServerFile,
     models: BTreeMap<String, ModelFile>,
+    mqtt: Option<MqttFile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct MqttFile {
+    broker: Option<String>,
+    device_id: Option<String>,
+    client_id: Option<String>,
+    topic_prefix: Option<String>,
+    qos: Option<u8>,
+    keepalive_secs: Option<u64>,
+    session_expiry_secs: Option<u32>,
+    username: Option<String>,
+    password_file: Option<PathBuf>,
+    ca_file: Option<PathBuf>,
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+    max_payload_bytes: Option<usize>,
+    pools: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -153,6 +173,154 @@ pub struct ModelSettings {
     pub chat_template: Option<String>,
 }
 
+/// The MQTT transport's settings (`[mqtt]`, or `--mqtt-broker`).
+#[derive(Clone, PartialEq)]
+pub struct MqttSettings {
+    /// Broker host.
+    pub host: String,
+    /// Broker port.
+    pub port: u16,
+    /// This daemon's id in topics (default: the hostname).
+    pub device_id: String,
+    /// MQTT client id (default: `ember-<device_id>`); a persistent session is keyed by it.
+    pub client_id: String,
+    /// First topic level (default `ember`).
+    pub topic_prefix: String,
+    /// QoS of subscriptions and replies (0, 1 or 2; default 1).
+    pub qos: u8,
+    /// Keepalive.
+    pub keepalive: Duration,
+    /// How long the broker keeps the session (and queued requests) while we are away.
+    pub session_expiry_secs: u32,
+    /// User name.
+    pub username: Option<String>,
+    /// Password, read from `password_file` (never logged).
+    pub password: Option<String>,
+    /// TLS: CA certificate (PEM); TLS is on when set.
+    pub ca_file: Option<PathBuf>,
+    /// TLS client certificate and key (PEM).
+    pub client_auth: Option<(PathBuf, PathBuf)>,
+    /// Largest request payload accepted.
+    pub max_payload_bytes: usize,
+    /// Fleet pools this daemon takes a share of.
+    pub pools: Vec<String>,
+}
+
+impl std::fmt::Debug for MqttSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MqttSettings")
+            .field("broker", &format_args!("{}:{}", self.host, self.port))
+            .field("device_id", &self.device_id)
+            .field("client_id", &self.client_id)
+            .field("topic_prefix", &self.topic_prefix)
+            .field("qos", &self.qos)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("tls", &self.ca_file.is_some())
+            .field("pools", &self.pools)
+            .finish()
+    }
+}
+
+/// The machine's hostname (the default device id).
+pub fn hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "ember".into())
+}
+
+fn topic_level(key: &str, v: &str) -> Result<(), ConfigError> {
+    if v.is_empty() || v.contains(['/', '+', '#', '$']) {
+        return Err(invalid(
+            key,
+            format!("{v:?} must be one topic level without / + # $"),
+        ));
+    }
+    Ok(())
+}
+
+fn mqtt_settings(f: MqttFile, o: &Overrides) -> Result<Option<MqttSettings>, ConfigError> {
+    let Some(broker) = o.mqtt_broker.clone().or(f.broker) else {
+        return Ok(None);
+    };
+    let (host, port) = match broker.rsplit_once(':') {
+        Some((h, p)) => (
+            h.to_string(),
+            p.parse::<u16>().map_err(|_| {
+                invalid(
+                    "mqtt.broker",
+                    format!("{broker:?}: the port is not a number"),
+                )
+            })?,
+        ),
+        None => (
+            broker.clone(),
+            if f.ca_file.is_some() { 8883 } else { 1883 },
+        ),
+    };
+    if host.is_empty() {
+        return Err(invalid("mqtt.broker", "expected HOST:PORT"));
+    }
+    let device_id = o.device_id.clone().or(f.device_id).unwrap_or_else(hostname);
+    topic_level("mqtt.device_id", &device_id)?;
+    let topic_prefix = f.topic_prefix.unwrap_or_else(|| "ember".into());
+    topic_level("mqtt.topic_prefix", &topic_prefix)?;
+    for p in &f.pools {
+        topic_level("mqtt.pools", p)?;
+    }
+    let qos = f.qos.unwrap_or(1);
+    if qos > 2 {
+        return Err(invalid("mqtt.qos", format!("must be 0, 1 or 2, got {qos}")));
+    }
+    let password = match &f.password_file {
+        None => None,
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .map_err(|e| {
+                    invalid(
+                        "mqtt.password_file",
+                        format!("cannot read {}: {e}", p.display()),
+                    )
+                })?
+                .trim_end_matches(['\n', '\r'])
+                .to_string(),
+        ),
+    };
+    let client_auth = match (f.cert_file, f.key_file) {
+        (Some(c), Some(k)) => Some((c, k)),
+        (None, None) => None,
+        _ => {
+            return Err(invalid(
+                "mqtt.cert_file",
+                "cert_file and key_file go together",
+            ))
+        }
+    };
+    Ok(Some(MqttSettings {
+        client_id: f.client_id.unwrap_or_else(|| format!("ember-{device_id}")),
+        host,
+        port,
+        device_id,
+        topic_prefix,
+        qos,
+        keepalive: Duration::from_secs(f.keepalive_secs.unwrap_or(30).clamp(5, 3600)),
+        session_expiry_secs: f.session_expiry_secs.unwrap_or(3600),
+        username: f.username,
+        password,
+        ca_file: f.ca_file,
+        client_auth,
+        max_payload_bytes: positive(
+            "mqtt.max_payload_bytes".into(),
+            f.max_payload_bytes,
+            1 << 16,
+            1 << 28,
+        )?,
+        pools: f.pools,
+    }))
+}
+
 /// Everything `emberd serve` runs with.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
@@ -160,6 +328,8 @@ pub struct Settings {
     pub server: ServerSettings,
     /// Models, in name order.
     pub models: Vec<ModelSettings>,
+    /// The MQTT transport, when configured.
+    pub mqtt: Option<MqttSettings>,
     /// The files read, in order (empty for built-in defaults).
     pub sources: Vec<PathBuf>,
 }
@@ -173,6 +343,10 @@ pub struct Overrides {
     pub socket: Option<PathBuf>,
     /// `--model NAME=DIR`, repeatable.
     pub models: Vec<(String, PathBuf)>,
+    /// `--mqtt-broker HOST:PORT`.
+    pub mqtt_broker: Option<String>,
+    /// `--device-id ID`.
+    pub device_id: Option<String>,
 }
 
 /// The default socket: `/run/ember/ember.sock` for root, else in
@@ -333,6 +507,7 @@ fn seconds(key: String, v: Option<f64>, default: f64) -> Result<Duration, Config
 }
 
 fn validate(file: FileConfig, o: &Overrides) -> Result<Settings, ConfigError> {
+    let mqtt = mqtt_settings(file.mqtt.unwrap_or_default(), o)?;
     let sv = file.server;
     let socket_mode = match &sv.socket_mode {
         None => 0o660,
@@ -430,6 +605,7 @@ fn validate(file: FileConfig, o: &Overrides) -> Result<Settings, ConfigError> {
     Ok(Settings {
         server,
         models,
+        mqtt,
         sources: vec![],
     })
 }
@@ -537,6 +713,43 @@ mod tests {
         assert_eq!(s.server.socket, PathBuf::from("/b.sock"));
         assert_eq!(s.models[0].path, PathBuf::from("/elsewhere"));
         assert_eq!(s.models[0].max_batch, 5);
+    }
+
+    #[test]
+    fn mqtt_settings_validate_and_flags_enable_them() {
+        let s = with_config("[models.a]\npath = \"/m\"\n").unwrap();
+        assert!(s.mqtt.is_none());
+        let d = tempfile::tempdir().unwrap();
+        let pw = write(d.path(), "pw", "s3cret\n");
+        let s = with_config(&format!(
+            "[models.a]\npath = \"/m\"\n[mqtt]\nbroker = \"broker.lan:1884\"\ndevice_id = \"pi\"\npools = [\"kitchen\"]\nusername = \"u\"\npassword_file = \"{}\"\n",
+            pw.display()
+        ))
+        .unwrap();
+        let m = s.mqtt.unwrap();
+        assert_eq!((m.host.as_str(), m.port, m.qos), ("broker.lan", 1884, 1));
+        assert_eq!(m.client_id, "ember-pi");
+        assert_eq!(m.password.as_deref(), Some("s3cret"));
+        assert!(
+            !format!("{m:?}").contains("s3cret"),
+            "password never in Debug output"
+        );
+        let e = with_config("[models.a]\npath = \"/m\"\n[mqtt]\nbroker = \"h:x\"\n").unwrap_err();
+        assert!(e.to_string().starts_with("mqtt.broker:"), "{e}");
+        let e =
+            with_config("[models.a]\npath = \"/m\"\n[mqtt]\nbroker = \"h\"\ndevice_id = \"a/b\"\n")
+                .unwrap_err();
+        assert!(e.to_string().starts_with("mqtt.device_id:"), "{e}");
+        let s = load_from(
+            &Overrides {
+                mqtt_broker: Some("127.0.0.1:1883".into()),
+                device_id: Some("dev".into()),
+                ..Default::default()
+            },
+            d.path(),
+        )
+        .unwrap();
+        assert_eq!(s.mqtt.unwrap().device_id, "dev");
     }
 
     #[test]

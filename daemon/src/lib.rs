@@ -10,6 +10,7 @@
 //! * [`sched`]: per-model continuous-batching schedulers on their own threads;
 //! * [`api`]: the OpenAI-compatible HTTP API on the Unix socket;
 //! * [`serve`]: socket, accept loop, loading, reload, graceful shutdown;
+//! * [`mqtt`]: the MQTT transport (requests and replies through a broker);
 //! * [`metrics`]: Prometheus metrics;
 //! * [`template`]: chat templates;
 //! * [`client`]: `emberd query` / `emberd status`;
@@ -23,6 +24,7 @@ pub mod engine;
 pub mod generate;
 pub mod metrics;
 pub mod model;
+pub mod mqtt;
 pub mod sample;
 pub mod sched;
 pub mod serve;

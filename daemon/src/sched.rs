@@ -40,6 +40,9 @@ pub struct Job {
     pub received: Instant,
     /// Past this instant it ends with `finish_reason: "timeout"`.
     pub deadline: Instant,
+    /// If still queued at this instant, it is dropped without generating
+    /// (MQTT message expiry).
+    pub start_by: Option<Instant>,
     /// Where its events go; dropping the receiver cancels the job.
     pub events: UnboundedSender<Event>,
 }
@@ -302,6 +305,10 @@ impl Worker {
     fn admit(&mut self, job: Job) {
         if job.events.is_closed() {
             self.metrics.outcome("cancelled");
+            return;
+        }
+        if job.start_by.is_some_and(|t| Instant::now() >= t) {
+            let _ = job.events.send(Event::Failed(EngineError::Expired));
             return;
         }
         let model = &*self.model;

@@ -272,6 +272,14 @@ pub async fn serve(
     app.swap_registry(reg);
     app.set_phase(Phase::Ready);
     tracing::info!(load_ms = t0.elapsed().as_millis() as u64, "ready");
+    let mqtt = settings.mqtt.clone().map(|m| {
+        let (app, stop) = (app.clone(), stop_tx.subscribe());
+        tokio::spawn(async move {
+            if let Err(e) = crate::mqtt::run(m, app, stop).await {
+                tracing::error!("MQTT transport stopped: {e:#}");
+            }
+        })
+    });
 
     let reload = Arc::new(reload);
     let mut current = settings;
@@ -327,6 +335,9 @@ pub async fn serve(
         for s in reg.models.values() {
             s.sched.abort();
         }
+    }
+    if let Some(m) = mqtt {
+        let _ = tokio::time::timeout(deadline + Duration::from_secs(3), m).await;
     }
     let reg2 = reg.clone();
     let _ = tokio::task::spawn_blocking(move || {

@@ -39,6 +39,8 @@ pub enum EngineError {
     #[error(transparent)]
     Text(#[from] TextError),
     /// The backend failed while running the graph.
+    #[error("the request expired before it could start")]
+    Expired,
     #[error("inference failed: {0}")]
     Run(String),
 }

@@ -1,0 +1,565 @@
+//! The MQTT transport end to end: Debian's mosquitto broker on a free
+//! loopback port, the real `mosquitto_pub`/`mosquitto_sub` clients, and a
+//! rumqttc client for what the command-line clients cannot check (streaming
+//! properties, persistent sessions across a broker restart).
+
+use std::collections::HashMap;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use ember_tests::{Daemon, Mosquitto};
+use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{Client, Event, MqttOptions};
+use serde_json::{json, Value};
+
+fn config(broker: &str, device: &str, extra: &str) -> String {
+    format!(
+        r#"
+[server]
+socket = "SOCKET"
+[models.kjv-gpt2]
+path = "MODELS/kjv-gpt2"
+max_batch = 8
+max_queue = 64
+[models.kjv-lstm]
+path = "MODELS/kjv-lstm"
+max_batch = 8
+max_queue = 64
+[mqtt]
+broker = "{broker}"
+device_id = "{device}"
+max_payload_bytes = 4096
+{extra}
+"#
+    )
+}
+
+/// A message a test client received.
+#[derive(Debug, Clone)]
+struct Msg {
+    topic: String,
+    payload: String,
+    props: Option<PublishProperties>,
+    /// A broker redelivery (QoS 1: the first delivery's ack may have been lost).
+    dup: bool,
+}
+
+impl Msg {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.payload).unwrap_or_else(|e| panic!("{e}: {}", self.payload))
+    }
+
+    fn user(&self, key: &str) -> Option<String> {
+        self.props
+            .as_ref()?
+            .user_properties
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+    }
+}
+
+/// A rumqttc v5 client whose incoming messages arrive on a channel.
+struct TestClient {
+    client: Client,
+    rx: mpsc::Receiver<Msg>,
+    subacks: mpsc::Receiver<()>,
+}
+
+impl TestClient {
+    fn connect(port: u16, id: &str, persistent: bool) -> TestClient {
+        let mut o = MqttOptions::new(id, "127.0.0.1", port);
+        o.set_keep_alive(Duration::from_secs(5));
+        o.set_clean_start(!persistent);
+        if persistent {
+            o.set_session_expiry_interval(Some(600));
+        }
+        let (client, mut conn) = Client::new(o, 10_000);
+        let (tx, rx) = mpsc::channel();
+        let (stx, subacks) = mpsc::channel();
+        std::thread::spawn(move || {
+            for ev in conn.iter() {
+                match ev {
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let m = Msg {
+                            topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                            payload: String::from_utf8_lossy(&p.payload).into_owned(),
+                            props: p.properties,
+                            dup: p.dup,
+                        };
+                        if tx.send(m).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        let _ = stx.send(());
+                    }
+                    Ok(_) => {}
+                    Err(_) => std::thread::sleep(Duration::from_millis(100)),
+                }
+            }
+        });
+        TestClient {
+            client,
+            rx,
+            subacks,
+        }
+    }
+
+    fn subscribe(&self, topic: &str) {
+        self.client.subscribe(topic, QoS::AtLeastOnce).unwrap();
+        self.subacks
+            .recv_timeout(Duration::from_secs(10))
+            .expect("SUBACK");
+    }
+
+    /// Publish a v5 request with a response topic and correlation data.
+    fn request(&self, topic: &str, body: &Value, reply_to: &str, id: &str) {
+        let props = PublishProperties {
+            response_topic: Some(reply_to.into()),
+            correlation_data: Some(id.to_string().into_bytes().into()),
+            ..Default::default()
+        };
+        self.client
+            .publish_with_properties(topic, QoS::AtLeastOnce, false, body.to_string(), props)
+            .unwrap();
+    }
+
+    fn recv(&self, secs: u64) -> Option<Msg> {
+        self.rx.recv_timeout(Duration::from_secs(secs)).ok()
+    }
+}
+
+/// Greedy text of a request through the Unix socket (the reference).
+fn socket_text(d: &Daemon, model: &str, prompt: &str, n: usize) -> String {
+    let r = d.post(
+        "/v1/completions",
+        &json!({"model": model, "prompt": prompt, "max_tokens": n, "temperature": 0}).to_string(),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.json()["choices"][0]["text"].as_str().unwrap().to_string()
+}
+
+/// Run `mosquitto_sub` until it has `count` messages (or `secs` pass).
+fn sub(port: u16, version: &str, topic: &str, count: usize, secs: u64) -> std::process::Child {
+    std::process::Command::new("mosquitto_sub")
+        .args([
+            "-V",
+            version,
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-q",
+            "1",
+        ])
+        .args([
+            "-t",
+            topic,
+            "-C",
+            &count.to_string(),
+            "-W",
+            &secs.to_string(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("mosquitto_sub (apt install mosquitto-clients)")
+}
+
+/// Wait until `device` has announced itself (retained `online`, published
+/// after its subscriptions, so requests sent from now on reach it).
+fn wait_online(port: u16, device: &str) {
+    let t0 = Instant::now();
+    loop {
+        let out = sub_output(sub(port, "mqttv5", &format!("ember/{device}/status"), 1, 2));
+        if out == ["online"] {
+            return;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "{device} never came online: {out:?}"
+        );
+    }
+}
+
+fn publish(port: u16, args: &[&str]) {
+    let st = std::process::Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1"])
+        .args(args)
+        .status()
+        .expect("mosquitto_pub (apt install mosquitto-clients)");
+    assert!(st.success());
+}
+
+fn sub_output(c: std::process::Child) -> Vec<String> {
+    let out = c.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
+#[test]
+fn mosquitto_clients_v5_and_v311_get_the_same_text_as_the_socket() {
+    let broker = Mosquitto::start();
+    let d = Daemon::start(&config(&broker.addr(), "dev1", ""));
+    wait_online(broker.port, "dev1");
+    let want = socket_text(&d, "kjv-gpt2", "And God said", 16);
+    let req =
+        json!({"model": "kjv-gpt2", "prompt": "And God said", "max_tokens": 16, "temperature": 0});
+
+    // MQTT v5: Response Topic and Correlation Data as properties.
+    let s = sub(broker.port, "mqttv5", "replies/v5", 1, 30);
+    std::thread::sleep(Duration::from_millis(300));
+    publish(
+        broker.port,
+        &[
+            "-V",
+            "mqttv5",
+            "-t",
+            "ember/dev1/generate",
+            "-D",
+            "publish",
+            "response-topic",
+            "replies/v5",
+            "-D",
+            "publish",
+            "correlation-data",
+            "req-1",
+            "-m",
+            &req.to_string(),
+        ],
+    );
+    let lines = sub_output(s);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let v: Value = serde_json::from_str(&lines[0]).unwrap();
+    assert_eq!(v["text"], want.as_str());
+    assert_eq!(v["id"], "req-1");
+    assert_eq!(v["finish_reason"], "length");
+    assert_eq!(v["usage"]["completion_tokens"], 16);
+
+    // MQTT 3.1.1: reply_to and id in the JSON.
+    let s = sub(broker.port, "mqttv311", "replies/v311", 1, 30);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut req311 = req.clone();
+    req311["reply_to"] = json!("replies/v311");
+    req311["id"] = json!("req-2");
+    publish(
+        broker.port,
+        &[
+            "-V",
+            "mqttv311",
+            "-t",
+            "ember/dev1/generate",
+            "-m",
+            &req311.to_string(),
+        ],
+    );
+    let lines = sub_output(s);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let v: Value = serde_json::from_str(&lines[0]).unwrap();
+    assert_eq!(v["text"], want.as_str());
+    assert_eq!(v["id"], "req-2");
+
+    // Retained status and info.
+    let s = sub(broker.port, "mqttv5", "ember/dev1/+", 2, 10);
+    let lines = sub_output(s);
+    assert!(lines.contains(&"online".to_string()), "{lines:?}");
+    let info = lines
+        .iter()
+        .find(|l| l.starts_with('{'))
+        .expect("info message");
+    let info: Value = serde_json::from_str(info).unwrap();
+    assert_eq!(info["models"], json!(["kjv-gpt2", "kjv-lstm"]));
+    assert!(info["kernels"].is_string());
+}
+
+#[test]
+fn streaming_reassembles_to_the_plain_text_and_offline_is_retained_at_exit() {
+    let broker = Mosquitto::start();
+    let mut d = Daemon::start(&config(&broker.addr(), "dev2", ""));
+    wait_online(broker.port, "dev2");
+    let c = TestClient::connect(broker.port, "tester-stream", false);
+    c.subscribe("replies/stream");
+    for (model, chat) in [("kjv-gpt2", false), ("kjv-lstm", false), ("kjv-gpt2", true)] {
+        let mut req = json!({"model": model, "max_tokens": 30, "temperature": 0, "stream": true});
+        if chat {
+            req["messages"] = json!([{"role": "user", "content": "Who made the light?"}]);
+        } else {
+            req["prompt"] = json!("In the beginning");
+        }
+        let mut plain = req.clone();
+        plain["stream"] = json!(false);
+        let id = format!("s-{model}-{chat}");
+        c.request(
+            "ember/dev2/generate",
+            &plain,
+            "replies/stream",
+            &format!("{id}-plain"),
+        );
+        let whole = c.recv(30).expect("plain reply");
+        let want = whole.json()["text"].as_str().unwrap().to_string();
+        c.request("ember/dev2/generate", &req, "replies/stream", &id);
+        let mut text = String::new();
+        let mut expect_seq = 0u64;
+        loop {
+            let m = c.recv(30).expect("stream chunk");
+            assert_eq!(m.topic, "replies/stream");
+            let corr = m
+                .props
+                .as_ref()
+                .and_then(|p| p.correlation_data.clone())
+                .unwrap();
+            assert_eq!(corr.as_ref(), id.as_bytes(), "correlation data echoed");
+            assert_eq!(
+                m.user("seq"),
+                Some(expect_seq.to_string()),
+                "chunks in order"
+            );
+            expect_seq += 1;
+            let v = m.json();
+            if m.user("last").as_deref() == Some("true") {
+                assert_eq!(v["finish_reason"], "length");
+                assert_eq!(v["usage"]["completion_tokens"], 30);
+                break;
+            }
+            text.push_str(v["text"].as_str().unwrap());
+        }
+        assert_eq!(text, want, "{model} chat={chat}");
+    }
+    // SIGTERM: the daemon says goodbye with a retained "offline".
+    d.signal("TERM");
+    assert!(d.wait_exit(30).success());
+    let s = sub(broker.port, "mqttv5", "ember/dev2/status", 1, 10);
+    assert_eq!(sub_output(s), ["offline"]);
+}
+
+#[test]
+fn bad_payloads_get_error_replies_duplicates_one_answer_and_cancel_works() {
+    let broker = Mosquitto::start();
+    let d = Daemon::start(&config(&broker.addr(), "dev3", ""));
+    wait_online(broker.port, "dev3");
+    let c = TestClient::connect(broker.port, "tester-bad", false);
+    c.subscribe("replies/bad");
+    let raw = |payload: &str, id: &str| {
+        let props = PublishProperties {
+            response_topic: Some("replies/bad".into()),
+            correlation_data: Some(id.to_string().into_bytes().into()),
+            ..Default::default()
+        };
+        c.client
+            .publish_with_properties(
+                "ember/dev3/generate",
+                QoS::AtLeastOnce,
+                false,
+                payload.to_string(),
+                props,
+            )
+            .unwrap();
+    };
+    let cases = [
+        ("not json at all", "b1", "invalid_json"),
+        (
+            r#"{"model": "nope", "prompt": "x"}"#,
+            "b2",
+            "model_not_found",
+        ),
+        (
+            r#"{"prompt": "x", "temperature": -3}"#,
+            "b3",
+            "invalid_value",
+        ),
+        (
+            &*format!(r#"{{"prompt": "{}"}}"#, "a".repeat(5000)),
+            "b4",
+            "body_too_large",
+        ),
+    ];
+    for (payload, id, code) in cases {
+        raw(payload, id);
+        let m = c.recv(20).unwrap_or_else(|| panic!("no reply to {id}"));
+        let v = m.json();
+        assert_eq!(v["error"]["code"], code, "{id}: {v}");
+        assert_eq!(v["id"], id);
+        assert_eq!(m.user("last").as_deref(), Some("true"));
+    }
+    // No reply address: nothing to answer, the daemon logs it and goes on.
+    publish(
+        broker.port,
+        &[
+            "-V",
+            "mqttv311",
+            "-t",
+            "ember/dev3/generate",
+            "-m",
+            r#"{"prompt": "x"}"#,
+        ],
+    );
+    // The same request id twice (a QoS 1 redelivery): one answer.
+    let req = json!({"model": "kjv-gpt2", "prompt": "And", "max_tokens": 4});
+    c.request("ember/dev3/generate", &req, "replies/bad", "dup");
+    c.request("ember/dev3/generate", &req, "replies/bad", "dup");
+    let first = c.recv(20).expect("one answer");
+    assert_eq!(first.json()["id"], "dup");
+    assert!(c.recv(2).is_none(), "a duplicate was answered twice");
+    // Cancel: a long request stops and frees its slot.
+    let long = json!({"model": "kjv-lstm", "prompt": "And", "max_tokens": 4000, "ignore_eos": true, "stream": true});
+    c.request("ember/dev3/generate", &long, "replies/bad", "long-1");
+    let chunk = c.recv(20).expect("streaming started");
+    assert_eq!(chunk.user("seq").as_deref(), Some("0"));
+    publish(
+        broker.port,
+        &["-V", "mqttv5", "-t", "ember/dev3/cancel", "-m", "long-1"],
+    );
+    let t0 = Instant::now();
+    loop {
+        let h = d.get("/health").json();
+        if h["models"]["kjv-lstm"]["active"] == 0 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "cancel did not free the slot: {h}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    while c.recv(1).is_some() {} // chunks already in flight
+                                 // Still serving.
+    c.request("ember/dev3/generate", &req, "replies/bad", "after");
+    assert_eq!(c.recv(20).expect("served").json()["id"], "after");
+    assert!(d.log().contains("no reply address"), "{}", d.log());
+}
+
+#[test]
+fn a_broker_restart_loses_no_qos1_request_and_answers_each_once() {
+    let mut broker = Mosquitto::start();
+    let d = Daemon::start(&config(&broker.addr(), "dev4", "session_expiry_secs = 600"));
+    wait_online(broker.port, "dev4");
+    let c = TestClient::connect(broker.port, "tester-restart", true);
+    c.subscribe("replies/restart");
+    let n = 24;
+    for i in 0..n {
+        let req =
+            json!({"model": "kjv-lstm", "prompt": "And", "max_tokens": 60, "ignore_eos": true});
+        c.request(
+            "ember/dev4/generate",
+            &req,
+            "replies/restart",
+            &format!("r{i}"),
+        );
+    }
+    // Per id: (deliveries, first deliveries). QoS 1 allows the broker to
+    // redeliver a reply whose ack the restart lost (flagged DUP); the daemon
+    // must have published each reply once.
+    let mut got: HashMap<String, (usize, usize)> = HashMap::new();
+    // Some answers, then the broker goes away and comes back.
+    let mut seen = 0;
+    while seen < 3 {
+        note(&mut got, c.recv(30).expect("first answers"));
+        seen += 1;
+    }
+    broker.restart();
+    let t0 = Instant::now();
+    loop {
+        let done = (0..n).filter(|i| got_has(&got, *i)).count();
+        if done == n {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "answers so far: {got:?}\n{}",
+            d.log()
+        );
+        if let Some(m) = c.recv(5) {
+            note(&mut got, m);
+        }
+    }
+    while let Some(m) = c.recv(3) {
+        note(&mut got, m);
+    }
+    for i in 0..n {
+        let (all, first) = got[&format!("r{i}")];
+        assert!(
+            all >= 1 && first <= 1,
+            "r{i}: {all} deliveries, {first} not flagged DUP"
+        );
+    }
+    // The daemon generated each request exactly once.
+    let m = d.get("/metrics").body;
+    assert!(
+        m.contains(&format!(
+            "ember_requests_total{{model=\"kjv-lstm\",outcome=\"ok\"}} {n}"
+        )),
+        "{m}"
+    );
+    assert_eq!(d.get("/health").status, 200);
+}
+
+fn note(got: &mut HashMap<String, (usize, usize)>, m: Msg) {
+    let e = got
+        .entry(m.json()["id"].as_str().unwrap().to_string())
+        .or_default();
+    e.0 += 1;
+    e.1 += usize::from(!m.dup);
+}
+
+fn got_has(got: &HashMap<String, (usize, usize)>, i: usize) -> bool {
+    got.contains_key(&format!("r{i}"))
+}
+
+#[test]
+fn two_daemons_on_one_shared_subscription_split_the_requests() {
+    let broker = Mosquitto::start();
+    // Queues large enough for the whole burst: this test is about the split.
+    let cfg = |dev: &str| {
+        config(&broker.addr(), dev, r#"pools = ["kitchen"]"#)
+            .replace("max_queue = 64", "max_queue = 256")
+    };
+    let a = Daemon::start(&cfg("fleet-a"));
+    let b = Daemon::start(&cfg("fleet-b"));
+    wait_online(broker.port, "fleet-a");
+    wait_online(broker.port, "fleet-b");
+    let c = TestClient::connect(broker.port, "tester-fleet", false);
+    c.subscribe("replies/fleet");
+    std::thread::sleep(Duration::from_millis(300));
+    let n = 200;
+    for i in 0..n {
+        let req = json!({"model": "kjv-gpt2", "prompt": "And", "max_tokens": 3});
+        c.request(
+            "ember/fleet/kitchen/generate",
+            &req,
+            "replies/fleet",
+            &format!("f{i}"),
+        );
+    }
+    let mut by_id: HashMap<String, usize> = HashMap::new();
+    let mut by_device: HashMap<String, usize> = HashMap::new();
+    let t0 = Instant::now();
+    while by_id.len() < n {
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "{} of {n} answered",
+            by_id.len()
+        );
+        if let Some(m) = c.recv(5) {
+            let v = m.json();
+            assert!(v.get("error").is_none(), "{v}");
+            *by_id
+                .entry(v["id"].as_str().unwrap().to_string())
+                .or_default() += 1;
+            *by_device
+                .entry(v["device_id"].as_str().unwrap().to_string())
+                .or_default() += 1;
+        }
+    }
+    assert!(c.recv(2).is_none(), "an extra answer");
+    assert!(by_id.values().all(|&k| k == 1));
+    let (na, nb) = (
+        by_device.get("fleet-a").copied().unwrap_or(0),
+        by_device.get("fleet-b").copied().unwrap_or(0),
+    );
+    assert_eq!(na + nb, n);
+    assert!(na > 0 && nb > 0, "both daemons took a share: {by_device:?}");
+    drop((a, b));
+}
