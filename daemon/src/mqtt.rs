@@ -133,8 +133,13 @@ struct Shared {
 }
 
 /// Build the client options (Last Will, persistent session, credentials, TLS).
-fn options(s: &MqttSettings, topics: &Topics) -> anyhow::Result<MqttOptions> {
+/// `capacity` (what the schedulers can hold) becomes the Receive Maximum: the
+/// broker hands us at most that many unacknowledged requests at a time and
+/// keeps the rest (a request is acknowledged once its reply is queued, a busy
+/// refusal included), so a burst never piles up inside the daemon.
+fn options(s: &MqttSettings, topics: &Topics, capacity: usize) -> anyhow::Result<MqttOptions> {
     let mut o = MqttOptions::new(&s.client_id, &s.host, s.port);
+    o.set_receive_maximum(Some(capacity.clamp(1, u16::MAX as usize) as u16));
     o.set_keep_alive(s.keepalive);
     o.set_clean_start(false);
     o.set_session_expiry_interval(Some(s.session_expiry_secs));
@@ -206,7 +211,13 @@ pub async fn run(
     mut stop: broadcast::Receiver<()>,
 ) -> anyhow::Result<()> {
     let topics = Topics::new(&settings);
-    let opts = options(&settings, &topics)?;
+    let capacity: usize = app
+        .registry()
+        .models
+        .values()
+        .map(|m| m.settings.max_queue + m.settings.max_batch)
+        .sum();
+    let opts = options(&settings, &topics, capacity)?;
     let (client, mut eventloop): (AsyncClient, EventLoop) = AsyncClient::new(opts, 1024);
     let shared = Arc::new(Shared {
         inflight: Default::default(),

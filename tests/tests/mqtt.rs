@@ -563,3 +563,129 @@ fn two_daemons_on_one_shared_subscription_split_the_requests() {
     assert!(na > 0 && nb > 0, "both daemons took a share: {by_device:?}");
     drop((a, b));
 }
+
+#[test]
+fn an_embedded_rumqttd_broker_serves_too() {
+    // rumqttd in this process, MQTT v5 listener on a free loopback port.
+    let port = ember_tests::free_port();
+    let cfg: rumqttd::Config = toml::from_str(&format!(
+        r#"
+id = 0
+[router]
+id = 0
+max_connections = 100
+max_outgoing_packet_count = 200
+max_segment_size = 10485760
+max_segment_count = 10
+[v5.1]
+name = "v5-1"
+listen = "127.0.0.1:{port}"
+next_connection_delay_ms = 1
+[v5.1.connections]
+connection_timeout_ms = 60000
+max_payload_size = 65536
+max_inflight_count = 100
+dynamic_filters = true
+"#
+    ))
+    .expect("rumqttd config");
+    std::thread::spawn(move || {
+        let mut broker = rumqttd::Broker::new(cfg);
+        let _ = broker.start();
+    });
+    let t0 = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "rumqttd did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let addr = format!("127.0.0.1:{port}");
+    let d = Daemon::start(&config(&addr, "embedded", ""));
+    let want = socket_text(&d, "kjv-lstm", "And God said", 12);
+    let c = TestClient::connect(port, "tester-embedded", false);
+    c.subscribe("replies/embedded");
+    let req =
+        json!({"model": "kjv-lstm", "prompt": "And God said", "max_tokens": 12, "temperature": 0});
+    // The daemon subscribes right after connecting: retry until it answers.
+    let mut reply = None;
+    for attempt in 0..50 {
+        c.request(
+            "ember/embedded/generate",
+            &req,
+            "replies/embedded",
+            &format!("e{attempt}"),
+        );
+        if let Some(m) = c.recv(1) {
+            reply = Some(m);
+            break;
+        }
+    }
+    let v = reply.expect("a reply through rumqttd").json();
+    assert_eq!(v["text"], want.as_str());
+}
+
+#[test]
+fn a_thousand_requests_from_ten_clients_none_lost_none_duplicated() {
+    let broker = Mosquitto::start();
+    let d = Daemon::start(&config(&broker.addr(), "dev5", ""));
+    wait_online(broker.port, "dev5");
+    let per = 100;
+    let results: Vec<(usize, usize)> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..10)
+            .map(|k| {
+                let port = broker.port;
+                s.spawn(move || {
+                    let c = TestClient::connect(port, &format!("load-{k}"), false);
+                    let topic = format!("replies/load/{k}");
+                    c.subscribe(&topic);
+                    for i in 0..per {
+                        let req = json!({"model": "kjv-gpt2", "prompt": "And", "max_tokens": 2});
+                        c.request("ember/dev5/generate", &req, &topic, &format!("c{k}-{i}"));
+                    }
+                    let mut ids = std::collections::HashSet::new();
+                    let (mut ok, mut busy) = (0, 0);
+                    while ids.len() < per {
+                        let m = c.recv(60).unwrap_or_else(|| {
+                            panic!("client {k}: {} of {per} answered", ids.len())
+                        });
+                        let v = m.json();
+                        assert!(
+                            ids.insert(v["id"].as_str().unwrap().to_string()),
+                            "duplicate answer {v}"
+                        );
+                        match v["error"]["code"].as_str() {
+                            None => ok += 1,
+                            Some("model_busy") => busy += 1,
+                            Some(other) => panic!("unexpected error {other}: {v}"),
+                        }
+                    }
+                    assert!(c.recv(1).is_none(), "client {k}: an extra answer");
+                    (ok, busy)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let ok: usize = results.iter().map(|r| r.0).sum();
+    let busy: usize = results.iter().map(|r| r.1).sum();
+    assert_eq!(ok + busy, 10 * per);
+    // Queue-full refusals are counted, not silent.
+    let m = d.get("/metrics").body;
+    assert!(
+        m.contains(&format!(
+            "ember_requests_total{{model=\"kjv-gpt2\",outcome=\"ok\"}} {ok}"
+        )),
+        "{m}"
+    );
+    if busy > 0 {
+        assert!(
+            m.contains(&format!(
+                "ember_requests_total{{model=\"kjv-gpt2\",outcome=\"busy\"}} {busy}"
+            )),
+            "{m}"
+        );
+    }
+    eprintln!("1000 requests: {ok} answered, {busy} refused as busy");
+}
