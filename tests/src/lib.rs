@@ -408,3 +408,125 @@ impl Drop for Mosquitto {
         }
     }
 }
+
+/// A rumqttc v5 test client for the MQTT tests and benchmark.
+pub mod mqtt {
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::{Client, Event, MqttOptions};
+    use serde_json::Value;
+
+    /// A message a test client received.
+    #[derive(Debug, Clone)]
+    pub struct Msg {
+        /// Topic.
+        pub topic: String,
+        /// Payload as text.
+        pub payload: String,
+        /// v5 properties.
+        pub props: Option<PublishProperties>,
+        /// A broker redelivery (QoS 1: the first delivery's ack may have been lost).
+        pub dup: bool,
+    }
+
+    impl Msg {
+        /// The payload as JSON.
+        pub fn json(&self) -> Value {
+            serde_json::from_str(&self.payload).unwrap_or_else(|e| panic!("{e}: {}", self.payload))
+        }
+
+        /// A user property.
+        pub fn user(&self, key: &str) -> Option<String> {
+            self.props
+                .as_ref()?
+                .user_properties
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.clone())
+        }
+    }
+
+    /// A rumqttc v5 client whose incoming messages arrive on a channel.
+    pub struct TestClient {
+        /// The rumqttc client.
+        pub client: Client,
+        rx: mpsc::Receiver<Msg>,
+        subacks: mpsc::Receiver<()>,
+    }
+
+    impl std::fmt::Debug for TestClient {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("TestClient")
+        }
+    }
+
+    impl TestClient {
+        /// Connect as `id` (a persistent session when `persistent`).
+        pub fn connect(port: u16, id: &str, persistent: bool) -> TestClient {
+            let mut o = MqttOptions::new(id, "127.0.0.1", port);
+            o.set_keep_alive(Duration::from_secs(5));
+            o.set_clean_start(!persistent);
+            if persistent {
+                o.set_session_expiry_interval(Some(600));
+            }
+            let (client, mut conn) = Client::new(o, 10_000);
+            let (tx, rx) = mpsc::channel();
+            let (stx, subacks) = mpsc::channel();
+            std::thread::spawn(move || {
+                for ev in conn.iter() {
+                    match ev {
+                        Ok(Event::Incoming(Packet::Publish(p))) => {
+                            let m = Msg {
+                                topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                                payload: String::from_utf8_lossy(&p.payload).into_owned(),
+                                props: p.properties,
+                                dup: p.dup,
+                            };
+                            if tx.send(m).is_err() {
+                                return;
+                            }
+                        }
+                        Ok(Event::Incoming(Packet::SubAck(_))) => {
+                            let _ = stx.send(());
+                        }
+                        Ok(_) => {}
+                        Err(_) => std::thread::sleep(Duration::from_millis(100)),
+                    }
+                }
+            });
+            TestClient {
+                client,
+                rx,
+                subacks,
+            }
+        }
+
+        /// Subscribe (QoS 1) and wait for the SUBACK.
+        pub fn subscribe(&self, topic: &str) {
+            self.client.subscribe(topic, QoS::AtLeastOnce).unwrap();
+            self.subacks
+                .recv_timeout(Duration::from_secs(10))
+                .expect("SUBACK");
+        }
+
+        /// Publish a v5 request with a response topic and correlation data.
+        pub fn request(&self, topic: &str, body: &Value, reply_to: &str, id: &str) {
+            let props = PublishProperties {
+                response_topic: Some(reply_to.into()),
+                correlation_data: Some(id.to_string().into_bytes().into()),
+                ..Default::default()
+            };
+            self.client
+                .publish_with_properties(topic, QoS::AtLeastOnce, false, body.to_string(), props)
+                .unwrap();
+        }
+
+        /// The next message within `secs`.
+        pub fn recv(&self, secs: u64) -> Option<Msg> {
+            self.rx.recv_timeout(Duration::from_secs(secs)).ok()
+        }
+    }
+}

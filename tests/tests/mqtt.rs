@@ -4,13 +4,12 @@
 //! properties, persistent sessions across a broker restart).
 
 use std::collections::HashMap;
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use ember_tests::mqtt::{Msg, TestClient};
 use ember_tests::{Daemon, Mosquitto};
-use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
+use rumqttc::v5::mqttbytes::v5::PublishProperties;
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{Client, Event, MqttOptions};
 use serde_json::{json, Value};
 
 fn config(broker: &str, device: &str, extra: &str) -> String {
@@ -33,102 +32,6 @@ max_payload_bytes = 4096
 {extra}
 "#
     )
-}
-
-/// A message a test client received.
-#[derive(Debug, Clone)]
-struct Msg {
-    topic: String,
-    payload: String,
-    props: Option<PublishProperties>,
-    /// A broker redelivery (QoS 1: the first delivery's ack may have been lost).
-    dup: bool,
-}
-
-impl Msg {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.payload).unwrap_or_else(|e| panic!("{e}: {}", self.payload))
-    }
-
-    fn user(&self, key: &str) -> Option<String> {
-        self.props
-            .as_ref()?
-            .user_properties
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.clone())
-    }
-}
-
-/// A rumqttc v5 client whose incoming messages arrive on a channel.
-struct TestClient {
-    client: Client,
-    rx: mpsc::Receiver<Msg>,
-    subacks: mpsc::Receiver<()>,
-}
-
-impl TestClient {
-    fn connect(port: u16, id: &str, persistent: bool) -> TestClient {
-        let mut o = MqttOptions::new(id, "127.0.0.1", port);
-        o.set_keep_alive(Duration::from_secs(5));
-        o.set_clean_start(!persistent);
-        if persistent {
-            o.set_session_expiry_interval(Some(600));
-        }
-        let (client, mut conn) = Client::new(o, 10_000);
-        let (tx, rx) = mpsc::channel();
-        let (stx, subacks) = mpsc::channel();
-        std::thread::spawn(move || {
-            for ev in conn.iter() {
-                match ev {
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        let m = Msg {
-                            topic: String::from_utf8_lossy(&p.topic).into_owned(),
-                            payload: String::from_utf8_lossy(&p.payload).into_owned(),
-                            props: p.properties,
-                            dup: p.dup,
-                        };
-                        if tx.send(m).is_err() {
-                            return;
-                        }
-                    }
-                    Ok(Event::Incoming(Packet::SubAck(_))) => {
-                        let _ = stx.send(());
-                    }
-                    Ok(_) => {}
-                    Err(_) => std::thread::sleep(Duration::from_millis(100)),
-                }
-            }
-        });
-        TestClient {
-            client,
-            rx,
-            subacks,
-        }
-    }
-
-    fn subscribe(&self, topic: &str) {
-        self.client.subscribe(topic, QoS::AtLeastOnce).unwrap();
-        self.subacks
-            .recv_timeout(Duration::from_secs(10))
-            .expect("SUBACK");
-    }
-
-    /// Publish a v5 request with a response topic and correlation data.
-    fn request(&self, topic: &str, body: &Value, reply_to: &str, id: &str) {
-        let props = PublishProperties {
-            response_topic: Some(reply_to.into()),
-            correlation_data: Some(id.to_string().into_bytes().into()),
-            ..Default::default()
-        };
-        self.client
-            .publish_with_properties(topic, QoS::AtLeastOnce, false, body.to_string(), props)
-            .unwrap();
-    }
-
-    fn recv(&self, secs: u64) -> Option<Msg> {
-        self.rx.recv_timeout(Duration::from_secs(secs)).ok()
-    }
 }
 
 /// Greedy text of a request through the Unix socket (the reference).
@@ -688,4 +591,66 @@ fn a_thousand_requests_from_ten_clients_none_lost_none_duplicated() {
         );
     }
     eprintln!("1000 requests: {ok} answered, {busy} refused as busy");
+}
+
+#[test]
+fn a_request_that_expires_in_the_queue_is_dropped_and_a_crash_leaves_the_will() {
+    let broker = Mosquitto::start();
+    let cfg = config(&broker.addr(), "dev6", "").replace("max_batch = 8", "max_batch = 1");
+    let d = Daemon::start(&cfg);
+    wait_online(broker.port, "dev6");
+    let c = TestClient::connect(broker.port, "tester-expiry", false);
+    c.subscribe("replies/expiry");
+    // One long request holds the only slot...
+    let long =
+        json!({"model": "kjv-lstm", "prompt": "And", "max_tokens": 1500, "ignore_eos": true});
+    c.request("ember/dev6/generate", &long, "replies/expiry", "long");
+    let t0 = Instant::now();
+    while d.get("/health").json()["models"]["kjv-lstm"]["active"] != 1 {
+        assert!(t0.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // ...so this one, valid for 1 s, waits past its expiry and is dropped.
+    let props = PublishProperties {
+        response_topic: Some("replies/expiry".into()),
+        correlation_data: Some(b"short".to_vec().into()),
+        message_expiry_interval: Some(1),
+        ..Default::default()
+    };
+    let short = json!({"model": "kjv-lstm", "prompt": "And", "max_tokens": 5});
+    c.client
+        .publish_with_properties(
+            "ember/dev6/generate",
+            QoS::AtLeastOnce,
+            false,
+            short.to_string(),
+            props,
+        )
+        .unwrap();
+    let mut replies = HashMap::new();
+    while replies.len() < 2 {
+        let m = c.recv(60).expect("both replies");
+        let v = m.json();
+        replies.insert(v["id"].as_str().unwrap().to_string(), v);
+    }
+    assert_eq!(
+        replies["short"]["error"]["code"], "expired",
+        "{:?}",
+        replies["short"]
+    );
+    assert_eq!(replies["long"]["usage"]["completion_tokens"], 1500);
+
+    // A crash (SIGKILL): the broker publishes the Last Will, retained.
+    d.signal("KILL");
+    let t0 = Instant::now();
+    loop {
+        let out = sub_output(sub(broker.port, "mqttv5", "ember/dev6/status", 1, 2));
+        if out == ["offline"] {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "no Last Will: {out:?}"
+        );
+    }
 }
