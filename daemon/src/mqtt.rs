@@ -140,6 +140,10 @@ struct Shared {
 fn options(s: &MqttSettings, topics: &Topics, capacity: usize) -> anyhow::Result<MqttOptions> {
     let mut o = MqttOptions::new(&s.client_id, &s.host, s.port);
     o.set_receive_maximum(Some(capacity.clamp(1, u16::MAX as usize) as u16));
+    // Replies are small and latency-bound: no Nagle delay.
+    let mut net = rumqttc::NetworkOptions::new();
+    net.set_tcp_nodelay(true);
+    o.set_network_options(net);
     o.set_keep_alive(s.keepalive);
     o.set_clean_start(false);
     o.set_session_expiry_interval(Some(s.session_expiry_secs));

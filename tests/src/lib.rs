@@ -353,7 +353,7 @@ impl Mosquitto {
         std::fs::write(
             &conf,
             format!(
-                "listener {} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nmessage_size_limit 0\nmax_queued_messages 10000\n",
+                "listener {} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\npersistence true\npersistence_location {}/\nmessage_size_limit 0\nmax_queued_messages 10000\n",
                 self.port,
                 self.dir.path().display()
             ),
@@ -468,6 +468,9 @@ pub mod mqtt {
         pub fn connect(port: u16, id: &str, persistent: bool) -> TestClient {
             let mut o = MqttOptions::new(id, "127.0.0.1", port);
             o.set_keep_alive(Duration::from_secs(5));
+            let mut net = rumqttc::NetworkOptions::new();
+            net.set_tcp_nodelay(true);
+            o.set_network_options(net);
             o.set_clean_start(!persistent);
             if persistent {
                 o.set_session_expiry_interval(Some(600));
