@@ -250,7 +250,8 @@ pub async fn serve(
     let listener = UnixListener::from_std(std_listener).context("registering the socket")?;
     let app = Arc::new(App::new(settings.server.clone(), metrics.clone()));
     let (stop_tx, _) = broadcast::channel::<()>(1);
-    let accept = tokio::spawn(accept_loop(listener, app.clone(), stop_tx.clone()));
+    // Subscribe before spawning: a load that fails at once must still stop it.
+    let accept = tokio::spawn(accept_loop(listener, app.clone(), stop_tx.subscribe()));
     tracing::info!(socket = %settings.server.socket.display(), models = settings.models.len(), "listening; loading models");
 
     // Load (fail fast: a model that cannot load stops the daemon).
@@ -355,11 +356,10 @@ pub async fn serve(
 
 /// Accept connections until told to stop, then wait for the open ones to
 /// finish their requests.
-async fn accept_loop(listener: UnixListener, app: Arc<App>, stop: broadcast::Sender<()>) {
+async fn accept_loop(listener: UnixListener, app: Arc<App>, mut stop_rx: broadcast::Receiver<()>) {
     let sem = Arc::new(Semaphore::new(app.settings.max_connections));
     let graceful = GracefulShutdown::new();
     let router = router(app.clone());
-    let mut stop_rx = stop.subscribe();
     loop {
         let permit = tokio::select! {
             _ = stop_rx.recv() => break,
