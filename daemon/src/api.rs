@@ -181,18 +181,14 @@ impl ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, code, message)
     }
 
-    fn body(&self) -> Value {
+    /// The JSON body.
+    pub fn body(&self) -> Value {
         json!({"error": {
             "message": self.message,
             "type": self.kind,
             "code": self.code,
             "param": self.param,
         }})
-    }
-
-    /// The JSON body.
-    pub fn body_json(&self) -> Value {
-        self.body()
     }
 
     /// The message.
@@ -203,11 +199,6 @@ impl ApiError {
     /// The HTTP status code.
     pub fn status_code(&self) -> u16 {
         self.status.as_u16()
-    }
-
-    /// The metrics outcome label (`invalid`, `busy`, `error`).
-    pub fn outcome_label(&self) -> &'static str {
-        self.outcome()
     }
 
     /// A payload over the size limit.
@@ -238,7 +229,8 @@ impl ApiError {
         )
     }
 
-    fn outcome(&self) -> &'static str {
+    /// The metrics outcome label (`invalid`, `busy`, `error`).
+    pub fn outcome(&self) -> &'static str {
         match self.status.as_u16() {
             429 => "busy",
             s if s < 500 => "invalid",
@@ -498,12 +490,22 @@ async fn completions(
     Extension(peer): Extension<Peer>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    generate(&app, peer, body, prepare_completion).await
+}
+
+/// Both generation endpoints: prepare, run, reply (errors counted).
+async fn generate(
+    app: &Arc<App>,
+    peer: Peer,
+    body: Result<Bytes, BytesRejection>,
+    prepare: fn(&App, &[u8]) -> Result<Prepared, Refusal>,
+) -> Response {
     let r = async {
         let body = body.map_err(body_error)?;
-        let p = prepare_completion(&app, &body)?;
-        start(&app, peer, p).await
+        let p = prepare(app, &body)?;
+        start(app, peer, p).await
     };
-    respond(&app, r.await).await
+    respond(app, r.await).await
 }
 
 /// A validated generation request, ready for its model's scheduler.
@@ -516,13 +518,6 @@ pub struct Prepared {
     /// Whether the client asked for streaming.
     pub stream: bool,
     logprobs: bool,
-}
-
-impl Prepared {
-    /// The model's name.
-    pub fn model(&self) -> &str {
-        &self.served.settings.name
-    }
 }
 
 /// Parse and validate a completion request (HTTP body or MQTT payload).
@@ -566,12 +561,7 @@ async fn chat_completions(
     Extension(peer): Extension<Peer>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let r = async {
-        let body = body.map_err(body_error)?;
-        let p = prepare_chat(&app, &body)?;
-        start(&app, peer, p).await
-    };
-    respond(&app, r.await).await
+    generate(&app, peer, body, prepare_chat).await
 }
 
 /// Parse and validate a chat request (HTTP body or MQTT payload).

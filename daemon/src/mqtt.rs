@@ -398,7 +398,7 @@ async fn handle_request_inner(sh: &Arc<Shared>, p: Publish) {
     }
     let result = generate(sh, &p, body.as_ref(), reply.as_ref()).await;
     if let Err(e) = result {
-        sh.app.metrics.outcome(e.model(), e.error().outcome_label());
+        sh.app.metrics.outcome(e.model(), e.error().outcome());
         tracing::warn!(topic = %String::from_utf8_lossy(&p.topic), "MQTT: request refused: {}", e.error().message());
         match &reply {
             Some(r) => publish(sh, r, error_json(e.error(), r), true, 0).await,
@@ -418,7 +418,7 @@ async fn handle_request_inner(sh: &Arc<Shared>, p: Publish) {
 }
 
 fn error_json(e: &ApiError, r: &ReplyTo) -> Value {
-    let mut v = e.body_json();
+    let mut v = e.body();
     v["id"] = json!(r.id);
     v["status"] = json!(e.status_code());
     v
