@@ -101,6 +101,9 @@ struct MqttFile {
     key_file: Option<PathBuf>,
     max_payload_bytes: Option<usize>,
     pools: Vec<String>,
+    home_assistant: bool,
+    discovery_prefix: Option<String>,
+    stats_interval_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -204,6 +207,12 @@ pub struct MqttSettings {
     pub max_payload_bytes: usize,
     /// Fleet pools this daemon takes a share of.
     pub pools: Vec<String>,
+    /// Home Assistant MQTT discovery: the discovery prefix when it is on
+    /// (`home_assistant = true`; prefix `homeassistant` unless `discovery_prefix`).
+    pub home_assistant: Option<String>,
+    /// How often `<prefix>/<device>/stats` is published (tokens/s, queue):
+    /// `stats_interval_secs`, default 30 s with Home Assistant on, else off.
+    pub stats_interval: Option<Duration>,
 }
 
 impl std::fmt::Debug for MqttSettings {
@@ -218,6 +227,8 @@ impl std::fmt::Debug for MqttSettings {
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("tls", &self.ca_file.is_some())
             .field("pools", &self.pools)
+            .field("home_assistant", &self.home_assistant)
+            .field("stats_interval", &self.stats_interval)
             .finish()
     }
 }
@@ -288,6 +299,19 @@ fn mqtt_settings(f: MqttFile, o: &Overrides) -> Result<Option<MqttSettings>, Con
                 .to_string(),
         ),
     };
+    let home_assistant = match (f.home_assistant, f.discovery_prefix) {
+        (false, _) => None,
+        (true, p) => {
+            let p = p.unwrap_or_else(|| "homeassistant".into());
+            topic_level("mqtt.discovery_prefix", &p)?;
+            Some(p)
+        }
+    };
+    let stats_interval = match f.stats_interval_secs {
+        Some(0) => None,
+        Some(n) => Some(Duration::from_secs(n.min(86_400))),
+        None => home_assistant.as_ref().map(|_| Duration::from_secs(30)),
+    };
     let client_auth = match (f.cert_file, f.key_file) {
         (Some(c), Some(k)) => Some((c, k)),
         (None, None) => None,
@@ -318,6 +342,8 @@ fn mqtt_settings(f: MqttFile, o: &Overrides) -> Result<Option<MqttSettings>, Con
             1 << 28,
         )?,
         pools: f.pools,
+        home_assistant,
+        stats_interval,
     }))
 }
 
@@ -750,6 +776,39 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.mqtt.unwrap().device_id, "dev");
+    }
+
+    #[test]
+    fn home_assistant_discovery_is_off_by_default_and_brings_stats() {
+        let base = "[models.a]\npath = \"/m\"\n[mqtt]\nbroker = \"h\"\n";
+        let m = with_config(base).unwrap().mqtt.unwrap();
+        assert_eq!((m.home_assistant, m.stats_interval), (None, None));
+        let m = with_config(&format!("{base}home_assistant = true\n"))
+            .unwrap()
+            .mqtt
+            .unwrap();
+        assert_eq!(m.home_assistant.as_deref(), Some("homeassistant"));
+        assert_eq!(m.stats_interval, Some(Duration::from_secs(30)));
+        let m = with_config(&format!(
+            "{base}home_assistant = true\ndiscovery_prefix = \"ha\"\nstats_interval_secs = 0\n"
+        ))
+        .unwrap()
+        .mqtt
+        .unwrap();
+        assert_eq!(
+            (m.home_assistant.as_deref(), m.stats_interval),
+            (Some("ha"), None)
+        );
+        let m = with_config(&format!("{base}stats_interval_secs = 5\n"))
+            .unwrap()
+            .mqtt
+            .unwrap();
+        assert_eq!(m.stats_interval, Some(Duration::from_secs(5)));
+        let e = with_config(&format!(
+            "{base}home_assistant = true\ndiscovery_prefix = \"a/b\"\n"
+        ))
+        .unwrap_err();
+        assert!(e.to_string().starts_with("mqtt.discovery_prefix:"), "{e}");
     }
 
     #[test]

@@ -8,7 +8,12 @@
 //! * `ember/<device>/cancel`, `ember/fleet/<pool>/cancel` — payload: the
 //!   request's correlation id;
 //! * `ember/<device>/status` (retained `online`, Last Will `offline`) and
-//!   `ember/<device>/info` (retained JSON: version, models, board, kernels).
+//!   `ember/<device>/info` (retained JSON: version, models, board, kernels);
+//! * `ember/<device>/stats` every `stats_interval_secs` (JSON: tokens/s over
+//!   the interval, tokens generated, queue depth, active sequences);
+//! * with `home_assistant = true`, retained Home Assistant discovery configs
+//!   (`homeassistant/binary_sensor/...` for the status, `homeassistant/sensor/...`
+//!   for tokens/s and queue depth) so the daemon shows up as a device there.
 //!
 //! A request's payload is the socket API's JSON (`prompt` or `messages`, the
 //! sampling fields, `stream`). Replies go to the MQTT v5 Response Topic with the
@@ -46,6 +51,7 @@ struct Topics {
     cancel: String,
     status: String,
     info: String,
+    stats: String,
     fleet: Vec<(String, String)>,
 }
 
@@ -58,6 +64,7 @@ impl Topics {
             cancel: format!("{p}/{d}/cancel"),
             status: format!("{p}/{d}/status"),
             info: format!("{p}/{d}/info"),
+            stats: format!("{p}/{d}/stats"),
             fleet: s
                 .pools
                 .iter()
@@ -162,6 +169,9 @@ fn options(s: &MqttSettings, topics: &Topics, capacity: usize) -> anyhow::Result
         o.set_credentials(u, s.password.clone().unwrap_or_default());
     }
     if let Some(ca) = &s.ca_file {
+        // rumqttc is built without a crypto provider: ring, process-wide (a
+        // second install is a no-op error).
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let ca =
             std::fs::read(ca).map_err(|e| anyhow::anyhow!("mqtt.ca_file {}: {e}", ca.display()))?;
         let client_auth = match &s.client_auth {
@@ -207,6 +217,109 @@ fn info(app: &App, s: &MqttSettings) -> Value {
     })
 }
 
+/// Tokens generated so far, queue depth and active sequences, over all models.
+fn totals(app: &App) -> (u64, i64, i64) {
+    let reg = app.registry();
+    reg.models.keys().fold((0, 0, 0), |(t, q, a), name| {
+        let m = app.metrics.model(name);
+        (
+            t + m.tokens.get(),
+            q + m.queue_depth.get(),
+            a + m.active.get(),
+        )
+    })
+}
+
+/// Turns the tokens counter into a rate between two `stats` messages.
+#[derive(Debug)]
+struct Rate {
+    at: std::time::Instant,
+    tokens: u64,
+}
+
+impl Rate {
+    fn stats(&mut self, app: &App) -> Value {
+        let (tokens, queue, active) = totals(app);
+        let now = std::time::Instant::now();
+        let secs = now.duration_since(self.at).as_secs_f64().max(1e-3);
+        // A reload resets a model's counter: never report a negative rate.
+        let rate = tokens.saturating_sub(self.tokens) as f64 / secs;
+        *self = Rate { at: now, tokens };
+        json!({
+            "tokens_per_second": (rate * 10.0).round() / 10.0,
+            "generated_tokens": tokens,
+            "queue_depth": queue,
+            "active_sequences": active,
+        })
+    }
+}
+
+/// Home Assistant MQTT discovery: (config topic, retained config) for the
+/// status (a connectivity binary sensor on the status topic itself) and the
+/// tokens/s and queue depth sensors (read from the stats topic).
+fn discovery(prefix: &str, s: &MqttSettings, t: &Topics) -> Vec<(String, Value)> {
+    // Discovery node ids allow [a-zA-Z0-9_-] only.
+    let node: String = format!("ember_{}", s.device_id)
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let device = json!({
+        "identifiers": [node],
+        "name": format!("Ember {}", s.device_id),
+        "manufacturer": "Ember",
+        "model": board(),
+        "sw_version": env!("CARGO_PKG_VERSION"),
+    });
+    let origin = json!({"name": "emberd", "sw_version": env!("CARGO_PKG_VERSION")});
+    let sensor = |key: &str, name: &str, unit: &str, icon: &str| {
+        (
+            format!("{prefix}/sensor/{node}/{key}/config"),
+            json!({
+                "name": name,
+                "unique_id": format!("{node}_{key}"),
+                "state_topic": t.stats,
+                "value_template": format!("{{{{ value_json.{key} }}}}"),
+                "unit_of_measurement": unit,
+                "state_class": "measurement",
+                "icon": icon,
+                "availability_topic": t.status,
+                "payload_available": "online",
+                "payload_not_available": "offline",
+                "device": device,
+                "origin": origin,
+            }),
+        )
+    };
+    vec![
+        (
+            format!("{prefix}/binary_sensor/{node}/status/config"),
+            json!({
+                "name": "Status",
+                "unique_id": format!("{node}_status"),
+                "state_topic": t.status,
+                "payload_on": "online",
+                "payload_off": "offline",
+                "device_class": "connectivity",
+                "device": device,
+                "origin": origin,
+            }),
+        ),
+        sensor(
+            "tokens_per_second",
+            "Tokens per second",
+            "tok/s",
+            "mdi:speedometer",
+        ),
+        sensor("queue_depth", "Queue depth", "requests", "mdi:tray-full"),
+    ]
+}
+
 /// Run the MQTT transport until `stop` fires: connect (and reconnect with
 /// backoff, forever), serve requests, then publish `offline` and disconnect.
 pub async fn run(
@@ -233,10 +346,26 @@ pub async fn run(
     });
     tracing::info!(broker = %format!("{}:{}", settings.host, settings.port), device = %settings.device_id, "MQTT: connecting");
     let mut backoff = Duration::from_millis(250);
+    let mut stats_tick = settings.stats_interval.map(|every| {
+        let mut i = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        i
+    });
+    let mut rate = Rate {
+        at: std::time::Instant::now(),
+        tokens: totals(&shared.app).0,
+    };
     loop {
         let ev = tokio::select! {
             _ = stop.recv() => break,
             ev = eventloop.poll() => ev,
+            _ = async { stats_tick.as_mut().expect("guarded").tick().await }, if stats_tick.is_some() => {
+                // Not awaited: this task is the one that drains the client's
+                // channel; a full channel skips one sample.
+                let v = rate.stats(&shared.app).to_string();
+                let _ = client.try_publish(&topics.stats, QoS::AtMostOnce, false, v);
+                continue;
+            }
         };
         match ev {
             Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
@@ -308,6 +437,11 @@ async fn on_connect(sh: &Arc<Shared>) {
         .client
         .publish(&t.info, q, true, info(&sh.app, &sh.settings).to_string())
         .await;
+    if let Some(prefix) = &sh.settings.home_assistant {
+        for (topic, config) in discovery(prefix, &sh.settings, t) {
+            let _ = sh.client.publish(topic, q, true, config.to_string()).await;
+        }
+    }
 }
 
 fn on_publish(sh: &Arc<Shared>, p: Publish) {

@@ -322,6 +322,7 @@ pub struct Mosquitto {
     /// Its port on 127.0.0.1.
     pub port: u16,
     dir: tempfile::TempDir,
+    listener: String,
 }
 
 /// A free TCP port on loopback.
@@ -333,15 +334,27 @@ pub fn free_port() -> u16 {
 }
 
 impl Mosquitto {
-    /// Start a broker.
+    /// Start a broker that takes anonymous clients.
     pub fn start() -> Mosquitto {
+        Mosquitto::start_with("allow_anonymous true")
+    }
+
+    /// Start a broker whose loopback listener has these settings (TLS files,
+    /// `allow_anonymous`, `password_file`, ...) instead of anonymous access.
+    pub fn start_with(listener: &str) -> Mosquitto {
         let mut m = Mosquitto {
             child: None,
             port: free_port(),
             dir: tempfile::tempdir().expect("tempdir"),
+            listener: listener.into(),
         };
         m.launch();
         m
+    }
+
+    /// The broker's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()
     }
 
     fn launch(&mut self) {
@@ -353,8 +366,9 @@ impl Mosquitto {
         std::fs::write(
             &conf,
             format!(
-                "listener {} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\npersistence true\npersistence_location {}/\nmessage_size_limit 0\nmax_queued_messages 10000\n",
+                "listener {} 127.0.0.1\n{}\nset_tcp_nodelay true\npersistence true\npersistence_location {}/\nmessage_size_limit 0\nmax_queued_messages 10000\n",
                 self.port,
+                self.listener,
                 self.dir.path().display()
             ),
         )

@@ -176,6 +176,8 @@ fn mosquitto_clients_v5_and_v311_get_the_same_text_as_the_socket() {
     let info: Value = serde_json::from_str(info).unwrap();
     assert_eq!(info["models"], json!(["kjv-gpt2", "kjv-lstm"]));
     assert!(info["kernels"].is_string());
+    // Home Assistant discovery is off unless asked for.
+    assert!(sub_output(sub(broker.port, "mqttv5", "homeassistant/#", 1, 1)).is_empty());
 }
 
 #[test]
@@ -653,4 +655,278 @@ fn a_request_that_expires_in_the_queue_is_dropped_and_a_crash_leaves_the_will() 
             "no Last Will: {out:?}"
         );
     }
+}
+
+#[test]
+fn home_assistant_discovery_announces_status_and_tokens_per_second() {
+    let broker = Mosquitto::start();
+    let d = Daemon::start(&config(
+        &broker.addr(),
+        "ha.1",
+        "home_assistant = true\nstats_interval_secs = 1\n",
+    ));
+    wait_online(broker.port, "ha.1");
+    // Retained discovery configs, one per entity, under the default prefix.
+    let lines = sub_output(sub(broker.port, "mqttv5", "homeassistant/#", 3, 10));
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    let configs: Vec<Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let by_id = |id: &str| {
+        configs
+            .iter()
+            .find(|c| c["unique_id"] == id)
+            .unwrap_or_else(|| panic!("no {id} in {configs:?}"))
+    };
+    let status = by_id("ember_ha_1_status");
+    assert_eq!(status["state_topic"], "ember/ha.1/status");
+    assert_eq!(status["device_class"], "connectivity");
+    assert_eq!(
+        (&status["payload_on"], &status["payload_off"]),
+        (&json!("online"), &json!("offline"))
+    );
+    let tps = by_id("ember_ha_1_tokens_per_second");
+    assert_eq!(tps["state_topic"], "ember/ha.1/stats");
+    assert_eq!(tps["value_template"], "{{ value_json.tokens_per_second }}");
+    assert_eq!(tps["availability_topic"], "ember/ha.1/status");
+    assert_eq!(tps["device"]["identifiers"], json!(["ember_ha_1"]));
+    by_id("ember_ha_1_queue_depth");
+
+    // Stats every second; generating shows up as a positive rate.
+    let c = TestClient::connect(broker.port, "tester-ha", false);
+    c.subscribe("ember/ha.1/stats");
+    socket_text(&d, "kjv-gpt2", "And God said", 100);
+    let t0 = Instant::now();
+    let mut seen = Vec::new();
+    loop {
+        let m = c.recv(5).expect("a stats message every second");
+        let v = m.json();
+        seen.push(v.clone());
+        if v["tokens_per_second"].as_f64().unwrap() > 0.0 {
+            assert!(v["generated_tokens"].as_u64().unwrap() >= 100, "{v}");
+            assert!(v["queue_depth"].is_i64() && v["active_sequences"].is_i64());
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "no positive rate in {seen:?}"
+        );
+    }
+}
+
+/// A throw-away CA, a server certificate for 127.0.0.1 and a client
+/// certificate, made with the openssl command.
+fn make_certs(dir: &std::path::Path) {
+    let openssl = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl (apt install openssl)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"];
+    openssl(
+        &[
+            &[
+                "req",
+                "-x509",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=ember test CA",
+            ],
+            &ec[..],
+            &["-keyout", "ca.key", "-out", "ca.pem"],
+        ]
+        .concat(),
+    );
+    for (name, ext) in [
+        (
+            "server",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
+        ),
+        ("client", "extendedKeyUsage=clientAuth\n"),
+    ] {
+        std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
+        openssl(
+            &[
+                &["req", "-nodes", "-subj", &format!("/CN=ember-{name}")],
+                &ec[..],
+                &["-keyout", &format!("{name}.key")],
+                &["-out", &format!("{name}.csr")],
+            ]
+            .concat(),
+        );
+        openssl(&[
+            "x509",
+            "-req",
+            "-days",
+            "2",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-extfile",
+            &format!("{name}.ext"),
+            "-out",
+            &format!("{name}.pem"),
+        ]);
+    }
+    // The broker drops root for its own user: let it read them.
+    use std::os::unix::fs::PermissionsExt;
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// `mosquitto_rr` (request, wait for the reply) with extra connection flags.
+fn request_reply(port: u16, conn: &[&str], topic: &str, req: &Value) -> Value {
+    let out = std::process::Command::new("mosquitto_rr")
+        .args(["-V", "mqttv5", "-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(conn)
+        .args(["-q", "1", "-t", topic, "-e", "replies/rr", "-W", "30"])
+        .args(["-m", &req.to_string()])
+        .output()
+        .expect("mosquitto_rr (apt install mosquitto-clients)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.trim())
+        .unwrap_or_else(|e| panic!("{e}: {text:?} {}", String::from_utf8_lossy(&out.stderr)))
+}
+
+/// Wait until the daemon's status is `online` as seen by a client with `conn` flags.
+fn wait_online_with(port: u16, conn: &[&str], device: &str) {
+    let t0 = Instant::now();
+    loop {
+        let out = std::process::Command::new("mosquitto_sub")
+            .args(["-V", "mqttv5", "-h", "127.0.0.1", "-p", &port.to_string()])
+            .args(conn)
+            .args([
+                "-t",
+                &format!("ember/{device}/status"),
+                "-C",
+                "1",
+                "-W",
+                "2",
+            ])
+            .output()
+            .expect("mosquitto_sub");
+        if String::from_utf8_lossy(&out.stdout).trim() == "online" {
+            return;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "{device} never came online: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn tls_with_password_file_and_with_client_certificates() {
+    let certs = tempfile::tempdir().unwrap();
+    let c = certs.path();
+    make_certs(c);
+    let passwd = c.join("passwd");
+    let st = std::process::Command::new("mosquitto_passwd")
+        .args(["-b", "-c"])
+        .arg(&passwd)
+        .args(["ember", "s3cret-pw"])
+        .status()
+        .expect("mosquitto_passwd");
+    assert!(st.success());
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&passwd, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::write(c.join("good.pw"), "s3cret-pw\n").unwrap();
+    std::fs::write(c.join("bad.pw"), "wrong-pw-123\n").unwrap();
+    let tls = format!(
+        "cafile {0}/ca.pem\ncertfile {0}/server.pem\nkeyfile {0}/server.key\n",
+        c.display()
+    );
+
+    // TLS + user name and password (from a file).
+    let broker = Mosquitto::start_with(&format!(
+        "{tls}allow_anonymous false\npassword_file {}\n",
+        passwd.display()
+    ));
+    let ca = c.join("ca.pem").display().to_string();
+    let user = ["--cafile", &ca, "-u", "ember", "-P", "s3cret-pw"];
+    let cfg = |device: &str, pw: &str| {
+        config(
+            &broker.addr(),
+            device,
+            &format!(
+                "ca_file = \"{ca}\"\nusername = \"ember\"\npassword_file = \"{}\"\n",
+                c.join(pw).display()
+            ),
+        )
+    };
+    let d = Daemon::start(&cfg("tls1", "good.pw"));
+    wait_online_with(broker.port, &user, "tls1");
+    let want = socket_text(&d, "kjv-gpt2", "And God said", 12);
+    let req =
+        json!({"model": "kjv-gpt2", "prompt": "And God said", "max_tokens": 12, "temperature": 0});
+    let v = request_reply(broker.port, &user, "ember/tls1/generate", &req);
+    assert_eq!(v["text"], want.as_str());
+
+    // A wrong password: refused, retried, logged without the password; the
+    // socket keeps serving.
+    let bad = Daemon::start(&cfg("tls2", "bad.pw"));
+    let t0 = Instant::now();
+    while !bad.log().contains("MQTT: connection lost or refused") {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "no refusal logged: {}",
+            bad.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!socket_text(&bad, "kjv-lstm", "And God said", 4).is_empty());
+    for log in [d.log(), bad.log()] {
+        assert!(!log.contains("s3cret-pw") && !log.contains("wrong-pw-123"));
+    }
+
+    // Mutual TLS: the client certificate is the identity.
+    let broker2 = Mosquitto::start_with(&format!(
+        "{tls}require_certificate true\nuse_identity_as_username true\nallow_anonymous false\n"
+    ));
+    let cert = c.join("client.pem").display().to_string();
+    let key = c.join("client.key").display().to_string();
+    let d2 = Daemon::start(&config(
+        &broker2.addr(),
+        "mtls",
+        &format!("ca_file = \"{ca}\"\ncert_file = \"{cert}\"\nkey_file = \"{key}\"\n"),
+    ));
+    let mutual = ["--cafile", &ca, "--cert", &cert, "--key", &key];
+    wait_online_with(broker2.port, &mutual, "mtls");
+    let v = request_reply(broker2.port, &mutual, "ember/mtls/generate", &req);
+    assert_eq!(v["text"], want.as_str());
+    // Without a certificate the broker turns a client away.
+    let out = std::process::Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &broker2.port.to_string()])
+        .args([
+            "--cafile",
+            &ca,
+            "-t",
+            "ember/mtls/status",
+            "-C",
+            "1",
+            "-W",
+            "3",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success() && out.stdout.is_empty());
+    drop(d2);
 }
