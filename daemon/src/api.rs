@@ -688,7 +688,7 @@ pub fn submit(
         start_by: start_by.map(|d| now + d),
         events: tx,
     };
-    tracing::info!(request = %id, model = %model, origin, stream = p.stream, "request");
+    tracing::info!(request = %id, model = %model, peer = origin, stream = p.stream, "request");
     if let Err(e) = served.sched.submit(job) {
         let err = match e {
             SubmitError::Busy(q, _job) => {

@@ -233,17 +233,45 @@ pub struct EvalArgs {
     max_tokens: Option<usize>,
 }
 
+/// Logs to journald with structured fields (MODEL=, REQUEST=, PEER=, ...)
+/// when stderr is the journal, else as text to stderr; `EMBER_LOG` filters.
+fn init_logging() {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter = || {
+        tracing_subscriber::EnvFilter::try_from_env("EMBER_LOG")
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,tract_onnx::model=error"))
+    };
+    if crate::systemd::stderr_is_journal() {
+        match tracing_journald::layer() {
+            Ok(j) => {
+                tracing_subscriber::registry()
+                    .with(filter())
+                    .with(
+                        j.with_syslog_identifier("emberd".into())
+                            .with_field_prefix(None)
+                            .with_priority_mappings(tracing_journald::PriorityMappings {
+                                info: tracing_journald::Priority::Informational,
+                                debug: tracing_journald::Priority::Debug,
+                                ..tracing_journald::PriorityMappings::new()
+                            }),
+                    )
+                    .init();
+                return;
+            }
+            Err(e) => eprintln!("emberd: journald unavailable ({e}); logging to stderr"),
+        }
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(filter())
+        .with_writer(std::io::stderr)
+        .init();
+}
+
 /// Parse the command line and run it.
 pub fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("EMBER_LOG").unwrap_or_else(|_| {
-                tracing_subscriber::EnvFilter::new("warn,tract_onnx::model=error")
-            }),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging();
     if let ember_kernels::CpuOverride::Unknown(v) = ember_kernels::cpu_override() {
         let known: Vec<&str> = ember_kernels::Isa::ALL.iter().map(|i| i.name()).collect();
         tracing::warn!(

@@ -375,9 +375,18 @@ pub struct Overrides {
     pub device_id: Option<String>,
 }
 
-/// The default socket: `/run/ember/ember.sock` for root, else in
-/// `$XDG_RUNTIME_DIR`, else `/tmp/ember-UID.sock`.
+/// The default socket: `$RUNTIME_DIRECTORY/ember.sock` under systemd,
+/// `/run/ember/ember.sock` for root, else in `$XDG_RUNTIME_DIR`, else
+/// `/tmp/ember-UID.sock`.
 pub fn default_socket() -> PathBuf {
+    // Under systemd (`RuntimeDirectory=ember`): /run/ember/ember.sock.
+    if let Some(d) = std::env::var_os("RUNTIME_DIRECTORY") {
+        if let Some(first) = d.to_str().and_then(|d| d.split(':').next()) {
+            if !first.is_empty() {
+                return Path::new(first).join("ember.sock");
+            }
+        }
+    }
     let uid = nix::unistd::getuid();
     if uid.is_root() {
         return PathBuf::from("/run/ember/ember.sock");

@@ -28,5 +28,6 @@ pub mod mqtt;
 pub mod sample;
 pub mod sched;
 pub mod serve;
+pub mod systemd;
 pub mod template;
 pub mod text;

@@ -191,7 +191,8 @@ fn options(s: &MqttSettings, topics: &Topics, capacity: usize) -> anyhow::Result
 /// What this board is, for the retained info message.
 fn board() -> String {
     for p in [
-        "/proc/device-tree/model",
+        // /proc/device-tree is hidden by ProcSubset=pid in the unit.
+        "/sys/firmware/devicetree/base/model",
         "/sys/devices/virtual/dmi/id/product_name",
     ] {
         if let Ok(s) = std::fs::read_to_string(p) {

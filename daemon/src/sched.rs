@@ -15,10 +15,18 @@
 //! Outcomes the scheduler decides (ok, timeout, cancelled) are counted here;
 //! failures are counted by the front end that relays them.
 //!
+//! Heartbeat: the worker stamps the start of every prefill and decode step;
+//! [`Scheduler::wedged`] reports a step running longer than a limit (or a
+//! worker that died), which is what stops the systemd watchdog pings so a
+//! wedged engine gets restarted. An idle worker waiting for work is healthy.
+//! For the test of exactly that, `EMBER_FAULT_WEDGE=<model>` in the
+//! environment makes that model's worker hang in its first step.
+//!
 //! [`Backend::forward_batch`]: crate::engine::Backend::forward_batch
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::LazyLock;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -110,6 +118,21 @@ struct Shared {
     queued: AtomicUsize,
     active: AtomicUsize,
     abort: AtomicBool,
+    /// When the running step began, in µs since [`EPOCH`] + 1; 0 when idle.
+    step_since: AtomicU64,
+}
+
+/// The heartbeat's clock origin.
+static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
+
+/// A step is running from now on (`busy`) or has ended.
+fn beat(shared: &Shared, busy: bool) {
+    let v = if busy {
+        EPOCH.elapsed().as_micros() as u64 + 1
+    } else {
+        0
+    };
+    shared.step_since.store(v, Ordering::SeqCst);
 }
 
 /// A running scheduler (one per served model).
@@ -131,7 +154,10 @@ impl Scheduler {
     ) -> Scheduler {
         let (tx, rx) = mpsc::sync_channel(limits.max_queue);
         let shared = Arc::new(Shared::default());
+        LazyLock::force(&EPOCH);
+        let wedge = std::env::var("EMBER_FAULT_WEDGE").is_ok_and(|m| m == name);
         let worker = Worker {
+            wedge,
             model,
             rx,
             limits,
@@ -203,6 +229,22 @@ impl Scheduler {
         }
     }
 
+    /// How long the running prefill or decode step has taken so far (None
+    /// when the worker is idle).
+    pub fn step_running_for(&self) -> Option<Duration> {
+        match self.shared.step_since.load(Ordering::SeqCst) {
+            0 => None,
+            t => Some(EPOCH.elapsed().saturating_sub(Duration::from_micros(t - 1))),
+        }
+    }
+
+    /// The worker is stuck: one step has run for more than `limit`, or the
+    /// worker died while the scheduler still takes jobs.
+    pub fn wedged(&self, limit: Duration) -> bool {
+        let open = self.tx.lock().unwrap_or_else(|e| e.into_inner()).is_some();
+        (open && self.is_finished()) || self.step_running_for().is_some_and(|d| d > limit)
+    }
+
     /// Whether the worker has exited.
     pub fn is_finished(&self) -> bool {
         self.thread
@@ -236,6 +278,8 @@ struct Seq {
 }
 
 struct Worker {
+    /// Fault injection for the watchdog test: hang in the first step.
+    wedge: bool,
     model: Arc<Model>,
     rx: Receiver<Job>,
     limits: Limits,
@@ -274,7 +318,9 @@ impl Worker {
                     let _ = job.events.send(Event::Failed(shutting_down()));
                     continue;
                 }
+                beat(&self.shared, true);
                 self.admit(job);
+                beat(&self.shared, false);
                 self.publish();
             }
             if self.shared.abort.load(Ordering::SeqCst) {
@@ -289,7 +335,9 @@ impl Worker {
                 }
                 continue;
             }
+            beat(&self.shared, true);
             self.step();
+            beat(&self.shared, false);
             self.publish();
         }
     }
@@ -303,6 +351,12 @@ impl Worker {
 
     /// Prefill a new job and sample its first token.
     fn admit(&mut self, job: Job) {
+        if self.wedge {
+            // Hang for good (park can wake spuriously).
+            loop {
+                std::thread::park();
+            }
+        }
         if job.events.is_closed() {
             self.metrics.outcome("cancelled");
             return;

@@ -21,6 +21,7 @@ use crate::engine::{LoadOptions, Model};
 use crate::metrics::Metrics;
 use crate::model::ModelError;
 use crate::sched::{Limits, Scheduler};
+use crate::systemd::Notifier;
 use crate::template::ChatTemplate;
 
 /// Socket errors.
@@ -239,6 +240,8 @@ pub async fn serve(
     reload: impl Fn() -> anyhow::Result<Settings> + Send + Sync + 'static,
 ) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
+    let notify = Notifier::from_env();
+    notify.status(&format!("loading {} models", settings.models.len()));
     let (std_listener, owned_path) = match inherited_listener()? {
         Some(l) => (l, None),
         None => {
@@ -273,6 +276,8 @@ pub async fn serve(
     app.swap_registry(reg);
     app.set_phase(Phase::Ready);
     tracing::info!(load_ms = t0.elapsed().as_millis() as u64, "ready");
+    notify.ready(&crate::systemd::serving_status(&app));
+    let heartbeat = tokio::spawn(crate::systemd::heartbeat(notify.clone(), app.clone()));
     let mqtt = settings.mqtt.clone().map(|m| {
         let (app, stop) = (app.clone(), stop_tx.subscribe());
         tokio::spawn(async move {
@@ -288,6 +293,7 @@ pub async fn serve(
         match c {
             Control::Stop => break,
             Control::Reload => {
+                notify.reloading();
                 let (r, app2, m2) = (reload.clone(), app.clone(), metrics.clone());
                 let prev = current.clone();
                 let res = tokio::task::spawn_blocking(move || -> anyhow::Result<Settings> {
@@ -317,12 +323,15 @@ pub async fn serve(
                         "reload failed, still serving the previous configuration: {e:#}"
                     ),
                 }
+                notify.ready(&crate::systemd::serving_status(&app));
             }
         }
     }
 
     // Drain: stop accepting, let running requests finish, then cancel.
     tracing::info!("stopping: draining in-flight requests");
+    notify.stopping();
+    heartbeat.abort();
     app.set_phase(Phase::Stopping);
     let _ = stop_tx.send(());
     let reg = app.registry();

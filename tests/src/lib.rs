@@ -203,6 +203,11 @@ impl Daemon {
 
     /// [`Daemon::start`] in a prepared directory (the socket is `ember.sock` in it).
     pub fn start_in(dir: tempfile::TempDir, config: &str) -> Daemon {
+        Daemon::start_env(dir, config, &[])
+    }
+
+    /// [`Daemon::start_in`] with extra environment variables.
+    pub fn start_env(dir: tempfile::TempDir, config: &str, env: &[(&str, &str)]) -> Daemon {
         let socket = dir.path().join("ember.sock");
         let path = dir.path().join("ember.toml");
         Daemon::write_config(&path, &socket, config);
@@ -213,6 +218,7 @@ impl Daemon {
             .arg(&path)
             .env_remove("RUST_BACKTRACE")
             .env("EMBER_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
