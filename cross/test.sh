@@ -1,54 +1,60 @@
 #!/usr/bin/env bash
-# cross/test.sh TARGET: build ember-kernels' tests for a board's target triple
-# and run them under qemu-user, once per emulated CPU model, each run asserting
-# (EMBER_EXPECT_ISA) which kernels detection must pick, so a run cannot pass by
-# silently using only the scalar path.
+# cross/test.sh TARGET: prove a board's build on this x86_64 machine under
+# qemu-user, once per emulated CPU model:
+#  1. ember-kernels' tests, each run asserting (EMBER_EXPECT_ISA) which kernels
+#     detection must pick, so a run cannot pass by silently using only the
+#     scalar path;
+#  2. end to end: `emberd generate` (greedy, 32 tokens) on each demo model and
+#     prompt must print exactly the token ids and text of the x86_64 build.
 #
 #   cross/test.sh aarch64-unknown-linux-gnu       # Cortex-A72 (Pi 4) and A76 (Pi 5)
 #   cross/test.sh armv7-unknown-linux-gnueabihf   # Cortex-A7 (Pi 2/3 on 32-bit OS) and A15
 #
 # Installs what it needs: Debian's qemu-user and gcc cross compiler, the rustup
-# target. PROPTEST_CASES (default 64 here) sets the property-test cases per kernel.
+# target. PROPTEST_CASES (default 64 here) sets the property-test cases per
+# kernel. Builds use the `qemu` profile (optimised, no LTO, debug assertions
+# and overflow checks on); the x86_64 reference is target/debug/emberd.
 set -euo pipefail
+. "$(dirname "$0")/env.sh"
+[ -n "$qemu" ] || { echo "cross/test.sh: $target runs natively; use cargo test" >&2; exit 2; }
 
-target=${1:?usage: cross/test.sh TARGET}
-root=$(cd "$(dirname "$0")/.." && pwd)
-cd "$root"
-
-case $target in
-aarch64-unknown-linux-gnu)
-    gcc=aarch64-linux-gnu-gcc pkg=gcc-aarch64-linux-gnu qemu=qemu-aarch64
-    sysroot=/usr/aarch64-linux-gnu
-    # cpu-model:expected-isa
-    runs=(cortex-a72:neon cortex-a76:neon-dotprod)
-    ;;
-armv7-unknown-linux-gnueabihf)
-    gcc=arm-linux-gnueabihf-gcc pkg=gcc-arm-linux-gnueabihf qemu=qemu-arm
-    sysroot=/usr/arm-linux-gnueabihf
-    runs=(cortex-a7:neon cortex-a15:neon)
-    ;;
-*)
-    echo "cross/test.sh: unsupported target $target" >&2
-    exit 2
-    ;;
-esac
-
-sudo=
-[ "$(id -u)" = 0 ] || sudo=sudo
-if ! command -v "$qemu" >/dev/null || ! command -v "$gcc" >/dev/null; then
-    $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq qemu-user "$pkg" >/dev/null
-fi
-rustup target list --installed | grep -qx "$target" || rustup target add "$target"
-
-var=$(echo "$target" | tr 'a-z-' 'A-Z_')
 export PROPTEST_CASES=${PROPTEST_CASES:-64}
 export RUST_BACKTRACE=1
 # Build once (the runner does not affect the build).
 cargo test -p ember-kernels --profile qemu --target "$target" --no-run
 for run in "${runs[@]}"; do
     cpu=${run%%:*} isa=${run#*:}
-    echo "== $target on qemu -cpu $cpu, expecting $isa kernels"
+    echo "== kernels: $target on qemu -cpu $cpu, expecting $isa kernels"
     env "CARGO_TARGET_${var}_RUNNER=$qemu -cpu $cpu -L $sysroot" EMBER_EXPECT_ISA="$isa" \
         cargo test -p ember-kernels --profile qemu --target "$target" --lib
 done
+
+echo "== end to end: greedy emberd generate, $target under qemu vs x86_64"
+cargo build -p emberd --bin emberd
+"$(dirname "$0")/build.sh" "$target" qemu
+bin=target/$target/qemu/emberd
+# Token ids and text only (timings differ).
+summary() {
+    python3 -c 'import json, sys; d = json.load(sys.stdin); print(d["token_ids"], json.dumps(d["text"], ensure_ascii=False))'
+}
+fail=0
+for model in kjv-gpt2 kjv-lstm; do
+    for prompt in "And God said" "In the beginning God created" "起初，神创造天地。"; do
+        args=(generate --model "models/$model" --max-tokens 32 --temperature 0 --json "$prompt")
+        want=$(target/debug/emberd "${args[@]}" | summary)
+        for run in "${runs[@]}"; do
+            cpu=${run%%:*}
+            got=$(EMBER_LOG=error "$qemu" -cpu "$cpu" -L "$sysroot" "$bin" "${args[@]}" | summary)
+            if [ "$got" = "$want" ]; then
+                echo "ok   $model on $cpu: $prompt"
+            else
+                echo "FAIL $model on $cpu: $prompt"
+                echo "  x86_64: $want"
+                echo "  $cpu: $got"
+                fail=1
+            fi
+        done
+    done
+done
+[ "$fail" = 0 ] || { echo "cross/test.sh: $target output differs from x86_64" >&2; exit 1; }
+echo "cross/test.sh: $target kernels and end-to-end output match"
