@@ -9,11 +9,25 @@
 #
 # Installs what it needs (Debian gcc cross compiler, rustup target) and prints
 # the binary's size and the newest glibc symbol version it needs.
+# EMBER_GLIBC=2.31 links against that glibc instead of this machine's (through
+# cargo-zigbuild, installed from PyPI into target/zig-venv), for older OSes.
 set -euo pipefail
 . "$(dirname "$0")/env.sh"
 profile=${2:-release}
 
-cargo build -p emberd --bin emberd --profile "$profile" --target "$target"
+if [ -n "${EMBER_GLIBC:-}" ]; then
+    # Link against an older glibc (e.g. 2.31 for Raspberry Pi OS Bullseye and
+    # JetPack 5) with cargo-zigbuild; zig and cargo-zigbuild come from PyPI.
+    venv=target/zig-venv
+    [ -x "$venv/bin/cargo-zigbuild" ] || {
+        python3 -m venv "$venv"
+        "$venv/bin/pip" install -q ziglang cargo-zigbuild
+    }
+    PATH="$root/$venv/bin:$PATH" cargo zigbuild -p emberd --bin emberd --profile "$profile" \
+        --target "$target.$EMBER_GLIBC"
+else
+    cargo build -p emberd --bin emberd --profile "$profile" --target "$target"
+fi
 dir=$profile
 [ "$profile" = dev ] && dir=debug
 bin=target/$target/$dir/emberd

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # cross/deb.sh TARGET [PROFILE]: the emberd .deb for TARGET's Debian
 # architecture (amd64, arm64, armhf), left in target/deb/. Builds with
-# cross/build.sh (PROFILE: release by default) unless EMBER_BIN names an
-# emberd binary for that target to package instead (CI packages its test
-# builds this way).
+# cross/build.sh (PROFILE: release by default; linked against glibc 2.31
+# unless EMBER_GLIBC says otherwise) unless EMBER_BIN names an emberd binary
+# for that target to package instead (CI packages its test builds this way).
 #
 # Contents: /usr/bin/emberd (stripped), the systemd units, sysusers and
 # tmpfiles snippets, a commented /etc/ember/ember.toml (conffile), the demo
@@ -19,7 +19,10 @@ profile=${2:-release}
 if [ -n "${EMBER_BIN:-}" ]; then
     bin=$EMBER_BIN
 else
-    "$(dirname "$0")/build.sh" "$target" "$profile"
+    # Packages link against glibc 2.31 by default (cargo-zigbuild) so one .deb
+    # installs on Raspberry Pi OS Bullseye and Bookworm, Ubuntu 20.04 and 22.04
+    # (JetPack 5 and 6); EMBER_GLIBC= (empty) links against this machine's.
+    EMBER_GLIBC=${EMBER_GLIBC-2.31} "$(dirname "$0")/build.sh" "$target" "$profile"
     bin=target/$target/$profile/emberd
 fi
 
