@@ -27,7 +27,6 @@ use crate::config::{ModelSettings, ServerSettings};
 use crate::engine::{EngineError, Model};
 use crate::generate::{GenerateParams, Truncate};
 use crate::metrics::Metrics;
-use crate::sample::MAX_LOGPROBS;
 use crate::sched::{DoneEvent, Event, Job, Scheduler, SubmitError, TokenEvent};
 use crate::template::ChatTemplate;
 
@@ -399,10 +398,13 @@ fn find_model(app: &App, name: Option<&str>) -> Result<Arc<Served>, ApiError> {
     })
 }
 
+/// The request's sampling and length settings over the model's defaults.
+/// `logprobs` is (alternatives asked for, the field that asked: `logprobs`
+/// on completions, `top_logprobs` on chat), so errors name the client's field.
 fn params(
     served: &Served,
     c: &Common,
-    logprobs: Option<usize>,
+    logprobs: (Option<usize>, &'static str),
 ) -> Result<GenerateParams, ApiError> {
     let st = &served.settings;
     let mut s = st.sampling.clone();
@@ -421,9 +423,13 @@ fn params(
     if c.seed.is_some() {
         s.seed = c.seed;
     }
-    s.logprobs = logprobs;
-    s.validate()
-        .map_err(|e| ApiError::bad("invalid_value", e.to_string()).param(e.field))?;
+    s.logprobs = logprobs.0;
+    s.validate().map_err(|mut e| {
+        if e.field == "logprobs" {
+            e.field = logprobs.1;
+        }
+        ApiError::bad("invalid_value", e.to_string()).param(e.field)
+    })?;
     if let Some(n) = c.n.filter(|&n| n != 1) {
         return Err(ApiError::bad("invalid_value", format!("n must be 1 (got {n})")).param("n"));
     }
@@ -526,14 +532,7 @@ pub fn prepare_completion(app: &App, body: &[u8]) -> Result<Prepared, Refusal> {
     let served = find_model(app, req.common.model.as_deref())?;
     let name = served.settings.name.clone();
     let tag = |e: ApiError| Refusal::new(e, name.clone());
-    if req.logprobs.is_some_and(|n| n > MAX_LOGPROBS) {
-        return Err(tag(ApiError::bad(
-            "invalid_value",
-            format!("logprobs must be 0 to {MAX_LOGPROBS}"),
-        )
-        .param("logprobs")));
-    }
-    let params = params(&served, &req.common, req.logprobs).map_err(tag)?;
+    let params = params(&served, &req.common, (req.logprobs, "logprobs")).map_err(tag)?;
     let ids = match &req.prompt {
         Prompt::Text(t) => encode(&served, t).map_err(tag)?,
         Prompt::Texts(v) if v.len() == 1 => encode(&served, &v[0]).map_err(tag)?,
@@ -580,14 +579,7 @@ pub fn prepare_chat(app: &App, body: &[u8]) -> Result<Prepared, Refusal> {
     } else {
         None
     };
-    if top.is_some_and(|n| n > MAX_LOGPROBS) {
-        return Err(tag(ApiError::bad(
-            "invalid_value",
-            format!("top_logprobs must be 0 to {MAX_LOGPROBS}"),
-        )
-        .param("top_logprobs")));
-    }
-    let mut params = params(&served, &req.common, top).map_err(tag)?;
+    let mut params = params(&served, &req.common, (top, "top_logprobs")).map_err(tag)?;
     let prompt = served
         .template
         .render(&req.messages)

@@ -321,6 +321,28 @@ fn bad_requests_get_json_errors_and_the_daemon_keeps_serving() {
     assert_eq!(r.status, 400, "{}", r.body);
     let r = d.post("/v1/chat/completions", r#"{"messages": []}"#);
     assert_eq!(r.status, 400);
+    // Out-of-range alternatives: the error names the field the client used.
+    for (path, body, field) in [
+        (
+            "/v1/completions",
+            r#"{"prompt": "x", "logprobs": 21}"#,
+            "logprobs",
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"messages": [{"role": "user", "content": "x"}], "logprobs": true, "top_logprobs": 21}"#,
+            "top_logprobs",
+        ),
+    ] {
+        let r = d.post(path, body);
+        assert_eq!(r.status, 400, "{}", r.body);
+        let v = r.json();
+        assert_eq!(v["error"]["param"], field, "{v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains(field),
+            "{v}"
+        );
+    }
     assert_eq!(d.get("/v1/nothing").status, 404);
     // Still serving.
     let ok = d.post(
