@@ -28,9 +28,7 @@ if [ -n "${EMBER_GLIBC:-}" ]; then
 else
     cargo build -p emberd --bin emberd --profile "$profile" --target "$target"
 fi
-dir=$profile
-[ "$profile" = dev ] && dir=debug
-bin=target/$target/$dir/emberd
+bin=$(emberd_path "$profile")
 size=$(stat -c %s "$bin")
 awk -v b="$bin" -v s="$size" -v g="$(glibc_needed "$bin")" \
     'BEGIN { printf "%s: %d bytes (%.1f MiB), needs %s\n", b, s, s / 1048576, g }'

@@ -23,7 +23,7 @@ else
     # installs on Raspberry Pi OS Bullseye and Bookworm, Ubuntu 20.04 and 22.04
     # (JetPack 5 and 6); EMBER_GLIBC= (empty) links against this machine's.
     EMBER_GLIBC=${EMBER_GLIBC-2.31} "$(dirname "$0")/build.sh" "$target" "$profile"
-    bin=target/$target/$profile/emberd
+    bin=$(emberd_path "$profile")
 fi
 
 version=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -1)

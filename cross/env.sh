@@ -46,3 +46,10 @@ var=$(echo "$target" | tr 'a-z-' 'A-Z_')
 glibc_needed() {
     "${tool_prefix}readelf" -W --dyn-syms "$1" | grep -o 'GLIBC_[0-9.]*' | sort -uV | tail -1
 }
+
+# Where cargo leaves emberd for this target and a profile.
+emberd_path() {
+    local dir=$1
+    [ "$dir" = dev ] && dir=debug
+    echo "target/$target/$dir/emberd"
+}

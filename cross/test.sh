@@ -32,7 +32,7 @@ done
 echo "== end to end: greedy emberd generate, $target under qemu vs x86_64"
 cargo build -p emberd --bin emberd
 "$(dirname "$0")/build.sh" "$target" qemu
-bin=target/$target/qemu/emberd
+bin=$(emberd_path qemu)
 # Token ids and text only (timings differ).
 summary() {
     python3 -c 'import json, sys; d = json.load(sys.stdin); print(d["token_ids"], json.dumps(d["text"], ensure_ascii=False))'

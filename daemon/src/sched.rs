@@ -154,7 +154,6 @@ impl Scheduler {
     ) -> Scheduler {
         let (tx, rx) = mpsc::sync_channel(limits.max_queue);
         let shared = Arc::new(Shared::default());
-        LazyLock::force(&EPOCH);
         let wedge = std::env::var("EMBER_FAULT_WEDGE").is_ok_and(|m| m == name);
         let worker = Worker {
             wedge,

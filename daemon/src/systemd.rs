@@ -39,11 +39,6 @@ impl Notifier {
         }
     }
 
-    /// The watchdog period the manager expects pings within, if enabled.
-    pub fn watchdog(&self) -> Option<Duration> {
-        self.watchdog
-    }
-
     fn send(&self, states: &[NotifyState]) {
         if !self.enabled {
             return;
@@ -110,7 +105,7 @@ pub fn serving_status(app: &App) -> String {
 }
 
 /// Models whose worker is stuck for longer than `limit`.
-pub fn wedged_models(app: &App, limit: Duration) -> Vec<String> {
+fn wedged_models(app: &App, limit: Duration) -> Vec<String> {
     app.registry()
         .models
         .iter()

@@ -73,17 +73,7 @@ fn sub(port: u16, version: &str, topic: &str, count: usize, secs: u64) -> std::p
 /// Wait until `device` has announced itself (retained `online`, published
 /// after its subscriptions, so requests sent from now on reach it).
 fn wait_online(port: u16, device: &str) {
-    let t0 = Instant::now();
-    loop {
-        let out = sub_output(sub(port, "mqttv5", &format!("ember/{device}/status"), 1, 2));
-        if out == ["online"] {
-            return;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "{device} never came online: {out:?}"
-        );
-    }
+    wait_online_with(port, &[], device);
 }
 
 fn publish(port: u16, args: &[&str]) {
@@ -805,7 +795,7 @@ fn request_reply(port: u16, conn: &[&str], topic: &str, req: &Value) -> Value {
         .unwrap_or_else(|e| panic!("{e}: {text:?} {}", String::from_utf8_lossy(&out.stderr)))
 }
 
-/// Wait until the daemon's status is `online` as seen by a client with `conn` flags.
+/// [`wait_online`] as seen by a client with `conn` flags (TLS, credentials).
 fn wait_online_with(port: u16, conn: &[&str], device: &str) {
     let t0 = Instant::now();
     loop {
@@ -821,13 +811,14 @@ fn wait_online_with(port: u16, conn: &[&str], device: &str) {
                 "2",
             ])
             .output()
-            .expect("mosquitto_sub");
-        if String::from_utf8_lossy(&out.stdout).trim() == "online" {
+            .expect("mosquitto_sub (apt install mosquitto-clients)");
+        let got = String::from_utf8_lossy(&out.stdout);
+        if got.trim() == "online" {
             return;
         }
         assert!(
             t0.elapsed() < Duration::from_secs(20),
-            "{device} never came online: {}",
+            "{device} never came online: {got:?} {}",
             String::from_utf8_lossy(&out.stderr)
         );
     }
