@@ -11,7 +11,7 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 
-use crate::engine::{LoadOptions, Logits, Model};
+use crate::engine::{BackendChoice, LoadOptions, Logits, Model};
 use crate::generate::{self, GenerateParams, Truncate};
 use crate::sample::SamplingParams;
 
@@ -128,6 +128,12 @@ pub struct ModelArgs {
     /// Threads per forward pass.
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
+    /// Engine: native int8 when it recognises the graph (auto), or forced.
+    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+    pub backend: BackendChoice,
+    /// Let the native engine quantize fp32 weights per row (int8).
+    #[arg(long)]
+    pub quantize_fp32: bool,
 }
 
 impl ModelArgs {
@@ -139,6 +145,8 @@ impl ModelArgs {
             &self.model,
             &LoadOptions {
                 threads: self.threads,
+                backend: self.backend,
+                quantize_fp32: self.quantize_fp32,
                 ..Default::default()
             },
         )

@@ -20,6 +20,8 @@
 //! path = "/usr/share/ember/models/kjv-gpt2"
 //! threads = 2                # default: the CPUs, at most 4; a batch's sequences run in parallel
 //! max_batch = 8              # sequences decoded together (bounds KV memory)
+//! backend = "auto"           # "native" (int8 engine) when it recognises the graph, else "tract"
+//! quantize_fp32 = false      # let the native engine quantize fp32 weights per row
 //! max_queue = 32             # requests waiting; more get "busy" (HTTP 429)
 //! max_tokens = 128           # default when a request says nothing
 //! max_tokens_limit = 1024    # most a request may ask for
@@ -35,6 +37,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::engine::BackendChoice;
 use crate::sample::SamplingParams;
 
 /// Where the system configuration lives.
@@ -122,6 +125,8 @@ struct ServerFile {
 struct ModelFile {
     path: Option<PathBuf>,
     threads: Option<usize>,
+    backend: Option<BackendChoice>,
+    quantize_fp32: Option<bool>,
     max_batch: Option<usize>,
     max_queue: Option<usize>,
     max_context: Option<usize>,
@@ -158,6 +163,10 @@ pub struct ModelSettings {
     pub path: PathBuf,
     /// Threads for inference: a batched step spreads its sequences over them.
     pub threads: usize,
+    /// Which engine runs it.
+    pub backend: BackendChoice,
+    /// Whether the native engine may quantize fp32 weights.
+    pub quantize_fp32: bool,
     /// Sequences decoded together (the KV-memory bound).
     pub max_batch: usize,
     /// Requests waiting beyond the running batch.
@@ -625,6 +634,8 @@ fn validate(file: FileConfig, o: &Overrides) -> Result<Settings, ConfigError> {
         }
         models.push(ModelSettings {
             threads: positive(key("threads"), m.threads, default_threads(), 256)?,
+            backend: m.backend.unwrap_or_default(),
+            quantize_fp32: m.quantize_fp32.unwrap_or(false),
             max_batch: positive(key("max_batch"), m.max_batch, 8, 256)?,
             max_queue: positive(key("max_queue"), m.max_queue, 32, 1 << 16)?,
             max_context: m.max_context,

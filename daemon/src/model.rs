@@ -97,6 +97,14 @@ pub enum ModelError {
         /// What the tokenizers crate said.
         reason: String,
     },
+    /// `--backend native` was asked for a graph the native engine does not run.
+    #[error("{path}: the native engine cannot run this model: {reason} (use the tract backend)")]
+    NotNative {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
     /// tract refused the graph after it was recognised.
     #[error("{path}: tract could not {stage}: {reason}")]
     Tract {

@@ -132,6 +132,9 @@ pub fn load_model(s: &ModelSettings, metrics: &Metrics) -> Result<Served, LoadEr
     // Serving spreads a batch's sequences over the model's threads, each
     // sequence single-threaded (tract's intra-op threads do not pay off here).
     let opts = LoadOptions {
+        backend: s.backend,
+        quantize_fp32: s.quantize_fp32,
+        max_seqs: s.max_batch,
         threads: 1,
         batch_threads: s.threads,
     };

@@ -1,8 +1,17 @@
 //! Quantization with onnxruntime's semantics.
 
-/// Round half to even, as ONNX's quantization ops specify.
-fn round_even(x: f32) -> f32 {
-    x.round_ties_even()
+/// Round half to even, as ONNX's quantization ops specify, for |x| < 2²².
+///
+/// Adding and removing 1.5·2²³ leaves no fraction bits, so the FPU rounds in
+/// its default mode, which is ties-to-even: the same result as
+/// `f32::round_ties_even`, but plain arithmetic. (Baseline x86_64 has no
+/// rounding instruction, so `round_ties_even` is a libm call per element
+/// and the loops around it do not vectorize.) Callers keep |x| ≤ 255.
+#[inline]
+pub(crate) fn round_even(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23
+    debug_assert!(x.is_nan() || x.abs() < 4_194_304.0, "{x} out of range");
+    (x + MAGIC) - MAGIC
 }
 
 /// Quantize `x` to u8 like ONNX `DynamicQuantizeLinear`: the range is widened
@@ -22,6 +31,7 @@ pub fn dynamic_quantize_u8(x: &[f32], q: &mut [u8]) -> (f32, u8) {
         q.fill(0);
         return (0.0, 0);
     }
+    // -lo/scale and x/scale lie in [-255, 255] (the range spans 255 steps).
     let zp = round_even((0.0 - lo) / scale).clamp(0.0, 255.0);
     for (o, &v) in q.iter_mut().zip(x) {
         *o = (round_even(v / scale) + zp).clamp(0.0, 255.0) as u8;

@@ -8,18 +8,45 @@
 //! before the int8 output layer moves logits by one quantum).
 
 use ember_tests::{golden, model};
-use emberd::engine::{LoadOptions, Logits, Model};
+use emberd::engine::{BackendChoice, LoadOptions, Logits, Model};
 use emberd::generate::{self, GenerateParams};
 use emberd::sample::SamplingParams;
 
 const LOGIT_TOL: f32 = 1e-2;
 
+/// The native engine's tolerance. It quantizes activations with the same rule,
+/// but its float code (layer norm, attention, GELU) sums in another order than
+/// onnxruntime's; where a value lands within float rounding of a quantization
+/// step boundary, the u8 code flips by one and the logits move by a fraction
+/// of a quantum. Measured worst: 0.054 (kjv-gpt2, logits span ~±15).
+const LOGIT_TOL_NATIVE: f32 = 0.1;
+
 /// Greedy ids and top-5 logits; `strict` demands all 32 ids equal, otherwise a
 /// divergence is accepted only where the reference's top-1 margin is itself
 /// within the logit tolerance (a near-tie rounding may flip).
 fn check(name: &str, strict: bool) {
+    check_on(name, strict, BackendChoice::Auto)
+}
+
+/// [`check`] on a given backend (asserted to be the one running).
+fn check_on(name: &str, strict: bool, backend: BackendChoice) {
     let dir = model(name);
-    let m = Model::load(&dir, &LoadOptions::default()).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let opts = LoadOptions {
+        backend,
+        ..Default::default()
+    };
+    let m = Model::load(&dir, &opts).unwrap_or_else(|e| panic!("{name}: {e}"));
+    match backend {
+        BackendChoice::Native => assert_eq!(m.backend.name(), "native"),
+        BackendChoice::Tract => assert_eq!(m.backend.name(), "tract"),
+        BackendChoice::Auto => {}
+    }
+    let name = &format!("{name} ({})", m.backend.name());
+    let tol = if m.backend.name() == "native" {
+        LOGIT_TOL_NATIVE
+    } else {
+        LOGIT_TOL
+    };
     let g = golden(&dir);
     let mut worst = 0f32;
     for case in &g.cases {
@@ -40,7 +67,7 @@ fn check(name: &str, strict: bool) {
                     let d = (logits[id as usize] - l).abs();
                     worst = worst.max(d);
                     assert!(
-                        d <= LOGIT_TOL,
+                        d <= tol,
                         "{name}/{} step {step}: logit of {id} is {} vs onnxruntime {l}",
                         case.name,
                         logits[id as usize]
@@ -50,7 +77,7 @@ fn check(name: &str, strict: bool) {
             let got = emberd::sample::argmax(&logits);
             if got != want {
                 let margin = case.top1_margins[step];
-                assert!(!strict && margin <= LOGIT_TOL, "{name}/{} step {step}: greedy {got} != onnxruntime {want} (reference margin {margin})", case.name);
+                assert!(!strict && margin <= tol, "{name}/{} step {step}: greedy {got} != onnxruntime {want} (reference margin {margin})", case.name);
                 eprintln!(
                     "{name}/{}: near-tie at step {step} (margin {margin}); stopping comparison",
                     case.name
@@ -67,7 +94,12 @@ fn check(name: &str, strict: bool) {
 
 #[test]
 fn kjv_gpt2_matches_onnxruntime() {
-    check("kjv-gpt2", true);
+    check_on("kjv-gpt2", true, BackendChoice::Tract);
+}
+
+#[test]
+fn kjv_gpt2_native_matches_onnxruntime() {
+    check_on("kjv-gpt2", true, BackendChoice::Native);
 }
 
 #[test]

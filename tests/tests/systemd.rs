@@ -303,6 +303,40 @@ fn logs_go_to_journald_with_fields_when_stderr_is_the_journal() {
         .stderr(stderr)
         .spawn()
         .expect("unshare (util-linux)");
+    // Read as journald does, all the time: the socket's queue is short
+    // (net.unix.max_dgram_qlen, often 10) and a full one blocks the sender.
+    let entries = std::sync::Arc::new(std::sync::Mutex::new(vec![]));
+    let reader = {
+        let entries = entries.clone();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65536];
+            let mut quiet_since = Instant::now();
+            // Until 1 s without a message after the request's entry arrived.
+            loop {
+                match journal.recv(&mut buf) {
+                    Ok(n) if n > 0 => {
+                        entries.lock().unwrap().push(journal_fields(&buf[..n]));
+                        quiet_since = Instant::now();
+                    }
+                    _ => {
+                        let done =
+                            entries
+                                .lock()
+                                .unwrap()
+                                .iter()
+                                .any(|e: &Vec<(String, String)>| {
+                                    e.iter().any(|(k, v)| k == "MESSAGE" && v == "request")
+                                });
+                        if (done && quiet_since.elapsed() > Duration::from_secs(1))
+                            || quiet_since.elapsed() > Duration::from_secs(60)
+                        {
+                            return;
+                        }
+                    }
+                }
+            }
+        })
+    };
     let t0 = Instant::now();
     while curl(&socket, "GET", "/health", None, &[]).status != 200 {
         assert!(
@@ -313,13 +347,8 @@ fn logs_go_to_journald_with_fields_when_stderr_is_the_journal() {
         std::thread::sleep(Duration::from_millis(50));
     }
     two_tokens(&socket, "kjv-gpt2");
-    let mut entries = vec![];
-    let mut buf = vec![0u8; 65536];
-    while let Ok(n) = journal.recv(&mut buf) {
-        if n > 0 {
-            entries.push(journal_fields(&buf[..n]));
-        }
-    }
+    let _ = reader.join();
+    let entries = std::mem::take(&mut *entries.lock().unwrap());
     let _ = child.kill();
     let _ = child.wait();
     let get = |e: &[(String, String)], k: &str| {

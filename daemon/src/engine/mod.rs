@@ -5,6 +5,7 @@
 //! loaded model serves many sequences. [`Model`] bundles a backend with its
 //! tokenizer and settings; it is what the CLI and the server hold.
 
+pub mod native;
 pub mod tract;
 
 use std::path::Path;
@@ -50,7 +51,14 @@ pub enum EngineError {
 pub struct SeqState {
     /// Tokens already consumed.
     pub len: usize,
-    pub(crate) inner: tract::TractState,
+    pub(crate) inner: Inner,
+}
+
+/// What a backend keeps per sequence.
+#[derive(Debug)]
+pub(crate) enum Inner {
+    Tract(tract::TractState),
+    Native(native::NativeState),
 }
 
 /// Whether a forward pass returns logits for every position or the last only.
@@ -148,9 +156,28 @@ impl Profile {
     }
 }
 
+/// Which backend runs a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendChoice {
+    /// Native when it recognises the graph and agrees with tract, else tract.
+    #[default]
+    Auto,
+    /// Native or fail to load.
+    Native,
+    /// Always tract.
+    Tract,
+}
+
 /// Options for [`Model::load`].
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
+    /// Backend selection.
+    pub backend: BackendChoice,
+    /// Let the native engine quantize fp32 weight matrices (per row, int8).
+    pub quantize_fp32: bool,
+    /// Sequences the native KV arena holds at once (the batch size).
+    pub max_seqs: usize,
     /// Threads for one forward pass.
     pub threads: usize,
     /// Threads a batched step spreads its sequences over (serving); each
@@ -161,6 +188,9 @@ pub struct LoadOptions {
 impl Default for LoadOptions {
     fn default() -> Self {
         LoadOptions {
+            backend: BackendChoice::Auto,
+            quantize_fp32: false,
+            max_seqs: 1,
             threads: 1,
             batch_threads: 1,
         }
@@ -190,7 +220,16 @@ impl Model {
         let t0 = Instant::now();
         let dir = ModelDir::open(root)?;
         let tokenizer = Tokenizer::from_file(&dir.tokenizer)?;
-        let backend = tract::TractBackend::load(&dir, opts)?;
+        let bytes = std::fs::read(&dir.onnx).map_err(|source| ModelError::Io {
+            path: dir.onnx.clone(),
+            source,
+        })?;
+        dir.verify_checksum(&bytes)?;
+        let proto = crate::model::parse_proto(&dir.onnx, &bytes)?;
+        drop(bytes);
+        let tract = tract::TractBackend::from_proto(&dir, &proto, opts)?;
+        let backend = choose_backend(&dir, &proto, tract, opts)?;
+        drop(proto);
         let mut eos_ids = dir.eos_ids.clone();
         if eos_ids.is_empty() {
             eos_ids.extend(
@@ -206,7 +245,7 @@ impl Model {
         Ok(Model {
             dir,
             tokenizer,
-            backend: Box::new(backend),
+            backend,
             context,
             eos_ids,
             load_time: t0.elapsed(),
@@ -220,5 +259,44 @@ impl Model {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "model".into())
+    }
+}
+
+/// Apply [`LoadOptions::backend`]: try the native engine unless told not to,
+/// keep tract when native does not recognise the graph or disagrees with it
+/// (an error instead when native was required).
+fn choose_backend(
+    dir: &ModelDir,
+    proto: &tract_onnx::pb::ModelProto,
+    tract: tract::TractBackend,
+    opts: &LoadOptions,
+) -> Result<Box<dyn Backend>, ModelError> {
+    if opts.backend == BackendChoice::Tract {
+        return Ok(Box::new(tract));
+    }
+    let t0 = Instant::now();
+    let native = native::NativeBackend::load(dir, proto, tract.family(), opts)
+        .and_then(|n| n.check_against(&tract).map(|diff| (n, diff)));
+    match native {
+        Ok((n, diff)) => {
+            tracing::info!(
+                model = %dir.root.display(),
+                weights_mib = n.weight_bytes() as f64 / (1 << 20) as f64,
+                kv_cache_mib = n.kv_bytes() as f64 / (1 << 20) as f64,
+                int8_file = n.from_int8(),
+                max_logit_diff = diff,
+                pack_ms = t0.elapsed().as_millis() as u64,
+                "native engine"
+            );
+            Ok(Box::new(n))
+        }
+        Err(reason) if opts.backend == BackendChoice::Native => Err(ModelError::NotNative {
+            path: dir.onnx.clone(),
+            reason,
+        }),
+        Err(reason) => {
+            tracing::info!(model = %dir.root.display(), %reason, "native engine not used; running on tract");
+            Ok(Box::new(tract))
+        }
     }
 }

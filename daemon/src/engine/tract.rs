@@ -14,7 +14,7 @@ use tract_onnx::pb;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::runtime::RunOptions;
 
-use super::{Backend, BatchItem, EngineError, LoadOptions, Logits, Profile, SeqState};
+use super::{Backend, BatchItem, EngineError, Inner, LoadOptions, Logits, Profile, SeqState};
 use crate::model::{self, Family, ModelDir, ModelError};
 
 type Plan = Arc<TypedRunnableModel>;
@@ -65,32 +65,28 @@ fn tract_err<'a>(dir: &'a ModelDir, stage: &'static str) -> impl Fn(TractError) 
 }
 
 impl TractBackend {
-    /// Parse, check, type and optimise `dir/model.onnx`.
-    pub fn load(dir: &ModelDir, opts: &LoadOptions) -> Result<Self, ModelError> {
-        let bytes = std::fs::read(&dir.onnx).map_err(|source| ModelError::Io {
-            path: dir.onnx.clone(),
-            source,
-        })?;
-        dir.verify_checksum(&bytes)?;
-        let proto = model::parse_proto(&dir.onnx, &bytes)?;
-        drop(bytes);
-        if let Some(ops) = model::unsupported_ops(&proto) {
+    /// Check, type and optimise the parsed `dir/model.onnx`.
+    pub fn from_proto(
+        dir: &ModelDir,
+        proto: &pb::ModelProto,
+        opts: &LoadOptions,
+    ) -> Result<Self, ModelError> {
+        if let Some(ops) = model::unsupported_ops(proto) {
             return Err(ModelError::UnsupportedOp {
                 path: dir.onnx.clone(),
                 ops,
             });
         }
-        let family = model::detect_family(dir, &proto)?;
-        let vocab = vocab_of(&proto, &family);
+        let family = model::detect_family(dir, proto)?;
+        let vocab = vocab_of(proto, &family);
         let onnx = tract_onnx::onnx()
             .with_ignore_output_shapes(true)
             .with_ignore_value_info(true);
         let root = dir.root.to_string_lossy();
         let mut m = onnx
-            .parse(&proto, Some(&root))
+            .parse(proto, Some(&root))
             .map_err(tract_err(dir, "parse the graph"))?
             .model;
-        drop(proto);
         let input_names: Vec<String> = m
             .input_outlets()
             .map_err(tract_err(dir, "list inputs"))?
@@ -346,7 +342,7 @@ impl Backend for TractBackend {
         };
         Ok(SeqState {
             len: 0,
-            inner: TractState { tensors },
+            inner: Inner::Tract(TractState { tensors }),
         })
     }
 
@@ -411,7 +407,10 @@ impl TractBackend {
         .map_err(run_err)?;
         let n_inputs = self.plan.model().input_outlets().map_err(run_err)?.len();
         let mut inputs: Vec<Option<TValue>> = vec![None; n_inputs];
-        let mut state_tensors = std::mem::take(&mut state.inner.tensors).into_iter();
+        let Inner::Tract(inner) = &mut state.inner else {
+            return Err(EngineError::Run("sequence state of another backend".into()));
+        };
+        let mut state_tensors = std::mem::take(&mut inner.tensors).into_iter();
         match &self.inputs {
             Inputs::Decoder {
                 ids: i,
@@ -482,7 +481,7 @@ impl TractBackend {
             Logits::All => out.extend_from_slice(flat),
         }
         let mut outputs: Vec<Option<TValue>> = outputs.into_iter().map(Some).collect();
-        state.inner.tensors = self
+        inner.tensors = self
             .state_out
             .iter()
             .map(|&i| {

@@ -1,0 +1,383 @@
+//! GPT-2: learned positions, pre-norm blocks with LayerNorm, fused q|k|v
+//! projection with bias, GELU MLP.
+
+use ember_kernels::gemv::Parallel;
+use ember_kernels::Kernels;
+
+use super::graph::{attr_s, Graph, Linear, Unrecognized};
+use super::kv::{KvArena, KvShape};
+use super::ops::{attend, run_linear, Embedding, Heads, Norm, QRows, MAX_ROWS};
+use super::{Job, Row};
+use crate::model::DecoderIo;
+
+#[derive(Debug)]
+struct Block {
+    ln1: Norm,
+    attn: Linear,
+    proj: Linear,
+    ln2: Norm,
+    fc: Linear,
+    out: Linear,
+}
+
+/// A GPT-2 read from its ONNX graph.
+#[derive(Debug)]
+pub struct Gpt2 {
+    hidden: usize,
+    ff: usize,
+    vocab: usize,
+    heads: Heads,
+    wte: Embedding,
+    wpe: Embedding,
+    blocks: Vec<Block>,
+    ln_f: Norm,
+    head: Linear,
+    gelu_tanh: bool,
+}
+
+/// Scratch for one step, sized at load.
+#[derive(Debug)]
+pub struct Work {
+    pub arena: KvArena,
+    x: Vec<f32>,
+    h: Vec<f32>,
+    big: Vec<f32>,
+    tmp: Vec<f32>,
+    att: Vec<f32>,
+    scores: Vec<f32>,
+    logits: Vec<f32>,
+    qr: QRows,
+}
+
+impl Gpt2 {
+    /// Recognise the GPT-2 structure; any deviation is a reason to stay on tract.
+    pub fn recognize(g: &Graph, io: &DecoderIo, quantize_fp32: bool) -> Result<Gpt2, Unrecognized> {
+        const OPS: &[&str] = &[
+            "Gather",
+            "DequantizeLinear",
+            "QuantizeLinear",
+            "DynamicQuantizeLinear",
+            "MatMulInteger",
+            "QLinearMatMul",
+            "MatMul",
+            "Gemm",
+            "Cast",
+            "Mul",
+            "Add",
+            "Sub",
+            "Div",
+            "LayerNormalization",
+            "Split",
+            "Reshape",
+            "Transpose",
+            "Concat",
+            "Softmax",
+            "Gelu",
+            "Shape",
+            "Unsqueeze",
+            "Squeeze",
+            "Range",
+            "LessOrEqual",
+            "Less",
+            "And",
+            "Where",
+            "Slice",
+            "Constant",
+            "ConstantOfShape",
+            "Expand",
+            "Equal",
+            "Not",
+            "Identity",
+        ];
+        if let Some(n) = g
+            .nodes()
+            .iter()
+            .find(|n| !OPS.contains(&n.op_type.as_str()))
+        {
+            return Err(format!(
+                "operator {} is not part of a GPT-2 graph",
+                n.op_type
+            ));
+        }
+        let pos_ids = io
+            .position_ids
+            .as_deref()
+            .ok_or("no position_ids input (learned positions need it)")?;
+        let gather_of = |input: &str| {
+            g.nodes()
+                .iter()
+                .find(|n| {
+                    n.op_type == "Gather" && n.input.get(1).map(|s| s.as_str()) == Some(input)
+                })
+                .ok_or_else(|| format!("no embedding lookup of '{input}'"))
+        };
+        let (wte, _) = Embedding::from_gather(g, gather_of(&io.input_ids)?)?;
+        let (wpe, _) = Embedding::from_gather(g, gather_of(pos_ids)?)?;
+        let lns: Vec<_> = g
+            .nodes()
+            .iter()
+            .filter(|n| n.op_type == "LayerNormalization")
+            .collect();
+        let gelus: Vec<_> = g.nodes().iter().filter(|n| n.op_type == "Gelu").collect();
+        let mut linears = g.linears(quantize_fp32)?;
+        let l = io.layers.len();
+        if lns.len() != 2 * l + 1 || gelus.len() != l || linears.len() != 4 * l + 1 {
+            return Err(format!(
+                "expected {} LayerNormalization, {l} Gelu and {} linear layers for {l} layers, found {}, {} and {}",
+                2 * l + 1,
+                4 * l + 1,
+                lns.len(),
+                gelus.len(),
+                linears.len()
+            ));
+        }
+        let gelu_tanh = match attr_s(gelus[0], "approximate") {
+            None | Some(b"none") => false,
+            Some(b"tanh") => true,
+            Some(other) => {
+                return Err(format!(
+                    "Gelu approximation {:?}",
+                    String::from_utf8_lossy(other)
+                ))
+            }
+        };
+        if gelus
+            .iter()
+            .any(|n| attr_s(n, "approximate") != attr_s(gelus[0], "approximate"))
+        {
+            return Err("Gelu approximations differ between layers".into());
+        }
+        let hidden = wte.cols();
+        let heads = Heads {
+            heads: io.kv_heads,
+            kv_heads: io.kv_heads,
+            head_dim: io.head_dim,
+            scale: 1.0 / (io.head_dim as f32).sqrt(),
+        };
+        if heads.heads * heads.head_dim != hidden || wpe.cols() != hidden {
+            return Err(format!(
+                "{} heads of {} do not make the hidden size {hidden}",
+                heads.heads, heads.head_dim
+            ));
+        }
+        let head = linears.pop().expect("counted").linear;
+        let vocab = wte.rows();
+        if head.w.rows() != vocab || head.w.cols() != hidden {
+            return Err("the output projection is not hidden → vocabulary".into());
+        }
+        let mut blocks = vec![];
+        let mut lin = linears.into_iter();
+        let ff = {
+            let mut ff = 0;
+            for i in 0..l {
+                let (ln1, ln2) = (lns[2 * i], lns[2 * i + 1]);
+                let mut next = || lin.next().expect("counted");
+                let (attn, proj, fc, out) = (next(), next(), next(), next());
+                if attn.input != ln1.output[0] || fc.input != ln2.output[0] {
+                    return Err(format!(
+                        "layer {i}: projections do not read the layer norms"
+                    ));
+                }
+                ff = fc.linear.w.rows();
+                let shapes = [
+                    (&attn.linear, 3 * hidden, hidden),
+                    (&proj.linear, hidden, hidden),
+                    (&fc.linear, ff, hidden),
+                    (&out.linear, hidden, ff),
+                ];
+                if shapes
+                    .iter()
+                    .any(|(w, r, c)| w.w.rows() != *r || w.w.cols() != *c)
+                {
+                    return Err(format!("layer {i}: projection shapes are not GPT-2's"));
+                }
+                blocks.push(Block {
+                    ln1: Norm::layer_norm(g, ln1)?,
+                    attn: attn.linear,
+                    proj: proj.linear,
+                    ln2: Norm::layer_norm(g, ln2)?,
+                    fc: fc.linear,
+                    out: out.linear,
+                });
+            }
+            ff
+        };
+        Ok(Gpt2 {
+            hidden,
+            ff,
+            vocab,
+            heads,
+            wte,
+            wpe,
+            blocks,
+            ln_f: Norm::layer_norm(g, lns[2 * l])?,
+            head,
+            gelu_tanh,
+        })
+    }
+
+    pub fn vocab(&self) -> usize {
+        self.vocab
+    }
+
+    /// Longest sequence the position table allows.
+    pub fn max_positions(&self) -> usize {
+        self.wpe.rows()
+    }
+
+    pub fn kv_shape(&self) -> KvShape {
+        KvShape {
+            layers: self.blocks.len(),
+            kv_heads: self.heads.kv_heads,
+            head_dim: self.heads.head_dim,
+        }
+    }
+
+    /// Bytes of weights held (packed int8 plus floats).
+    pub fn weight_bytes(&self) -> usize {
+        let lin = |l: &Linear| l.w.memory_bytes() + 4 * l.bias.as_ref().map_or(0, |b| b.len());
+        let norm = |n: &Norm| 8 * n.gamma.len();
+        self.wte.bytes()
+            + self.wpe.bytes()
+            + lin(&self.head)
+            + norm(&self.ln_f)
+            + self
+                .blocks
+                .iter()
+                .map(|b| {
+                    lin(&b.attn)
+                        + lin(&b.proj)
+                        + lin(&b.fc)
+                        + lin(&b.out)
+                        + norm(&b.ln1)
+                        + norm(&b.ln2)
+                })
+                .sum::<usize>()
+    }
+
+    /// Whether every projection came from int8 weights in the file.
+    pub fn all_int8(&self) -> bool {
+        self.blocks.iter().all(|b| {
+            [&b.attn, &b.proj, &b.fc, &b.out]
+                .iter()
+                .all(|l| l.from_int8)
+        }) && self.head.from_int8
+    }
+
+    pub fn new_work(&self, arena: KvArena, context: usize) -> Work {
+        let h = self.hidden;
+        let wide = (3 * h).max(self.ff);
+        Work {
+            arena,
+            x: vec![0.0; MAX_ROWS * h],
+            h: vec![0.0; MAX_ROWS * h],
+            big: vec![0.0; MAX_ROWS * wide],
+            tmp: vec![0.0; MAX_ROWS * h],
+            att: vec![0.0; MAX_ROWS * h],
+            scores: vec![0.0; context],
+            logits: vec![0.0; MAX_ROWS * self.vocab],
+            qr: QRows::new(h.max(self.ff)),
+        }
+    }
+
+    /// Run one chunk of rows (at most [`MAX_ROWS`]) through the network,
+    /// writing the logits rows ask for into their jobs' outputs.
+    pub fn chunk(
+        &self,
+        k: &Kernels,
+        w: &mut Work,
+        rows: &[Row],
+        jobs: &mut [Job<'_>],
+        par: &dyn Parallel,
+    ) {
+        let (h, n) = (self.hidden, rows.len());
+        let hd = self.heads.head_dim;
+        let Work {
+            arena,
+            x,
+            h: hb,
+            big,
+            tmp,
+            att,
+            scores,
+            logits,
+            qr,
+        } = w;
+        let x = &mut x[..n * h];
+        let group = |r: usize| rows[r].job;
+        for (r, row) in rows.iter().enumerate() {
+            let xr = &mut x[r * h..(r + 1) * h];
+            self.wte.read(row.token as usize, xr, false);
+            self.wpe.read(row.pos, xr, true);
+        }
+        for (l, b) in self.blocks.iter().enumerate() {
+            b.ln1.apply_layer(x, hb);
+            let qkv = &mut big[..n * 3 * h];
+            run_linear(k, &b.attn, &hb[..n * h], group, qr, qkv, par);
+            for (r, row) in rows.iter().enumerate() {
+                let seq = jobs[row.job].blocks;
+                let base = r * 3 * h;
+                for head in 0..self.heads.kv_heads {
+                    let at = base + h + head * hd;
+                    arena.put(seq, row.pos, l, false, head, &qkv[at..at + hd]);
+                    arena.put(seq, row.pos, l, true, head, &qkv[at + h..at + h + hd]);
+                }
+            }
+            for (r, row) in rows.iter().enumerate() {
+                let q = &qkv[r * 3 * h..r * 3 * h + h];
+                attend(
+                    arena,
+                    jobs[row.job].blocks,
+                    l,
+                    self.heads,
+                    q,
+                    row.pos,
+                    scores,
+                    &mut att[r * h..(r + 1) * h],
+                );
+            }
+            run_linear(k, &b.proj, &att[..n * h], group, qr, tmp, par);
+            add(x, &tmp[..n * h]);
+            b.ln2.apply_layer(x, hb);
+            let ff = &mut big[..n * self.ff];
+            run_linear(k, &b.fc, &hb[..n * h], group, qr, ff, par);
+            let gelu = if self.gelu_tanh {
+                ember_kernels::nn::gelu_tanh
+            } else {
+                ember_kernels::nn::gelu
+            };
+            ember_kernels::nn::map_inplace(ff, gelu);
+            run_linear(k, &b.out, ff, group, qr, tmp, par);
+            add(x, &tmp[..n * h]);
+        }
+        let mut m = 0;
+        for (r, row) in rows.iter().enumerate() {
+            if row.want {
+                self.ln_f
+                    .apply_layer(&x[r * h..(r + 1) * h], &mut hb[m * h..(m + 1) * h]);
+                m += 1;
+            }
+        }
+        let v = self.vocab;
+        if m == 0 {
+            return;
+        }
+        // The logit rows, by job too.
+        let mut wanted: heapless::Vec<usize, MAX_ROWS> = heapless::Vec::new();
+        for row in rows.iter().filter(|r| r.want) {
+            let _ = wanted.push(row.job);
+        }
+        run_linear(k, &self.head, &hb[..m * h], |r| wanted[r], qr, logits, par);
+        for (m, row) in rows.iter().filter(|r| r.want).enumerate() {
+            let job = &mut jobs[row.job];
+            let at = if job.all { row.t * v } else { 0 };
+            job.out[at..at + v].copy_from_slice(&logits[m * v..(m + 1) * v]);
+        }
+    }
+}
+
+fn add(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}

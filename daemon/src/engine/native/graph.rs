@@ -1,0 +1,426 @@
+//! Reading an ONNX graph for the native engine: initializers by name, who
+//! produces and who consumes each tensor, and the quantized linear layers as
+//! exporters really write them.
+//!
+//! A linear layer `y = x·W (+ b)` appears in four shapes:
+//! - onnxruntime `quantize_dynamic`: `DynamicQuantizeLinear(x)` →
+//!   `MatMulInteger(xq, Wq, x_zp, W_zp)` → `Cast` → `Mul(·, x_scale·W_scale)` → `Add(b)`;
+//! - QOperator: `QuantizeLinear(x)` → `QLinearMatMul(…, Wq, …)` → `DequantizeLinear` → `Add(b)`;
+//! - QDQ: `MatMul(x or DQ(Q(x)), DequantizeLinear(Wq))` → `Add(b)`;
+//! - fp32: `MatMul(x, W)` → `Add(b)` (or `Gemm`), quantized per row at load.
+//!
+//! Whatever the shape, the weights end up per-row symmetric int8 in a
+//! [`PackedI8`] (`W` transposed: one row per output), which is what the
+//! kernels read. Activations are always quantized per token at run time, so
+//! a static activation scale in the file (QOperator/QDQ) is not used.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use ember_kernels::gemv::PackedI8;
+use tract_onnx::pb;
+use tract_onnx::prelude::*;
+
+/// Why a graph is not one the native engine runs (it then stays on tract).
+pub type Unrecognized = String;
+
+/// An initializer's values, decoded.
+#[derive(Debug)]
+pub enum Values {
+    F32(Vec<f32>),
+    I8(Vec<i8>),
+    U8(Vec<u8>),
+}
+
+/// A view of the graph with indexes the pattern matchers need.
+pub struct Graph<'a> {
+    pub g: &'a pb::GraphProto,
+    inits: HashMap<&'a str, &'a pb::TensorProto>,
+    /// Tensor name → index of the node producing it.
+    producer: HashMap<&'a str, usize>,
+    /// Tensor name → indexes of the nodes reading it.
+    consumers: HashMap<&'a str, Vec<usize>>,
+    dir: String,
+    /// Fold `Constant` nodes in as initializers.
+    constants: HashMap<&'a str, &'a pb::TensorProto>,
+}
+
+impl<'a> Graph<'a> {
+    pub fn new(proto: &'a pb::ModelProto, dir: &Path) -> Graph<'a> {
+        let g = proto.graph.as_ref().expect("parse_proto checked the graph");
+        let mut producer = HashMap::new();
+        let mut consumers: HashMap<&str, Vec<usize>> = HashMap::new();
+        let mut constants = HashMap::new();
+        for (i, n) in g.node.iter().enumerate() {
+            for o in &n.output {
+                producer.insert(o.as_str(), i);
+            }
+            for inp in &n.input {
+                consumers.entry(inp.as_str()).or_default().push(i);
+            }
+            if n.op_type == "Constant" {
+                if let (Some(o), Some(t)) = (
+                    n.output.first(),
+                    n.attribute
+                        .iter()
+                        .find(|a| a.name == "value")
+                        .and_then(|a| a.t.as_ref()),
+                ) {
+                    constants.insert(o.as_str(), t);
+                }
+            }
+        }
+        Graph {
+            g,
+            inits: g.initializer.iter().map(|t| (t.name.as_str(), t)).collect(),
+            producer,
+            consumers,
+            dir: dir.to_string_lossy().into_owned(),
+            constants,
+        }
+    }
+
+    pub fn nodes(&self) -> &'a [pb::NodeProto] {
+        &self.g.node
+    }
+
+    /// The node producing `tensor`, if a node does.
+    pub fn producer(&self, tensor: &str) -> Option<&'a pb::NodeProto> {
+        self.producer.get(tensor).map(|&i| &self.g.node[i])
+    }
+
+    /// The node producing `tensor`, if it is an `op`.
+    pub fn producer_op(&self, tensor: &str, op: &str) -> Option<&'a pb::NodeProto> {
+        self.producer(tensor).filter(|n| n.op_type == op)
+    }
+
+    /// The only node reading `tensor`, if it is an `op`.
+    pub fn consumer_op(&self, tensor: &str, op: &str) -> Option<&'a pb::NodeProto> {
+        self.sole_consumer(tensor).filter(|n| n.op_type == op)
+    }
+
+    /// The only node reading `tensor`, if exactly one does.
+    pub fn sole_consumer(&self, tensor: &str) -> Option<&'a pb::NodeProto> {
+        match self.consumers.get(tensor).map(|v| v.as_slice()) {
+            Some([i]) => Some(&self.g.node[*i]),
+            _ => None,
+        }
+    }
+
+    fn tensor_proto(&self, name: &str) -> Option<&'a pb::TensorProto> {
+        self.inits
+            .get(name)
+            .or_else(|| self.constants.get(name))
+            .copied()
+    }
+
+    /// Whether `name` is a constant (initializer or `Constant` output).
+    pub fn is_const(&self, name: &str) -> bool {
+        self.tensor_proto(name).is_some()
+    }
+
+    /// A constant's shape and values.
+    pub fn konst(&self, name: &str) -> Result<(Vec<usize>, Values), Unrecognized> {
+        let t = self
+            .tensor_proto(name)
+            .ok_or_else(|| format!("'{name}' is not a constant"))?;
+        let resolver = tract_onnx::data_resolver::default();
+        let tensor = tract_onnx::tensor::load_tensor(&*resolver, t, Some(&self.dir))
+            .map_err(|e| format!("cannot read '{name}': {e:#}"))?;
+        let shape = tensor.shape().to_vec();
+        let vals = match tensor.datum_type() {
+            DatumType::F32 => Values::F32(slice::<f32>(&tensor)?),
+            DatumType::I8 => Values::I8(slice::<i8>(&tensor)?),
+            DatumType::U8 => Values::U8(slice::<u8>(&tensor)?),
+            dt => return Err(format!("'{name}' has unsupported type {dt:?}")),
+        };
+        Ok((shape, vals))
+    }
+
+    /// A constant float tensor.
+    pub fn f32s(&self, name: &str) -> Result<Vec<f32>, Unrecognized> {
+        match self.konst(name)?.1 {
+            Values::F32(v) => Ok(v),
+            _ => Err(format!("'{name}' is not float")),
+        }
+    }
+
+    /// A constant scalar float (or 1-element tensor).
+    pub fn scalar(&self, name: &str) -> Result<f32, Unrecognized> {
+        match self.f32s(name)?.as_slice() {
+            [v] => Ok(*v),
+            _ => Err(format!("'{name}' is not a scalar")),
+        }
+    }
+
+    /// A constant zero point is all zeros (absent counts as zero).
+    fn zero_point_is_zero(&self, name: Option<&String>) -> Result<bool, Unrecognized> {
+        let Some(name) = name.filter(|n| !n.is_empty()) else {
+            return Ok(true);
+        };
+        Ok(match self.konst(name)?.1 {
+            Values::I8(v) => v.iter().all(|&z| z == 0),
+            Values::U8(v) => v.iter().all(|&z| z == 0),
+            _ => false,
+        })
+    }
+}
+
+fn slice<T: Datum + Copy>(t: &Tensor) -> Result<Vec<T>, Unrecognized> {
+    Ok(t.to_plain_array_view::<T>()
+        .map_err(|e| format!("{e:#}"))?
+        .iter()
+        .copied()
+        .collect())
+}
+
+/// An integer attribute.
+pub fn attr_i(n: &pb::NodeProto, name: &str) -> Option<i64> {
+    n.attribute.iter().find(|a| a.name == name).map(|a| a.i)
+}
+
+/// A float attribute.
+pub fn attr_f(n: &pb::NodeProto, name: &str) -> Option<f32> {
+    n.attribute.iter().find(|a| a.name == name).map(|a| a.f)
+}
+
+/// A string attribute.
+pub fn attr_s<'n>(n: &'n pb::NodeProto, name: &str) -> Option<&'n [u8]> {
+    n.attribute
+        .iter()
+        .find(|a| a.name == name)
+        .map(|a| a.s.as_slice())
+}
+
+const STATIC_ATTENTION: &str =
+    "attention products are quantized (static QDQ/QOperator on q·kᵀ and p·v); \
+the native engine computes attention in float and would not match this graph \
+(quantize only the weight MatMuls, or use quantize_dynamic)";
+
+/// A linear layer with its weights packed for the kernels.
+#[derive(Debug)]
+pub struct Linear {
+    pub w: PackedI8,
+    pub bias: Option<Vec<f32>>,
+    /// Whether the file held int8 weights (false: quantized here from fp32).
+    pub from_int8: bool,
+}
+
+/// A matched product: float input, float output before the bias, packed
+/// weights, whether they were int8 in the file.
+type Matched = (String, String, PackedI8, bool);
+
+/// What a linear layer was recognised from, in graph order.
+#[derive(Debug)]
+pub struct FoundLinear {
+    /// The float tensor the layer reads.
+    pub input: String,
+    pub linear: Linear,
+}
+
+impl Graph<'_> {
+    /// Every linear layer of the graph, in node order. A product of two
+    /// activations (attention's q·kᵀ, p·v) is not a linear layer and is skipped.
+    /// `quantize_fp32`: also take fp32 weight matrices (quantized per row here).
+    pub fn linears(&self, quantize_fp32: bool) -> Result<Vec<FoundLinear>, Unrecognized> {
+        let mut found = vec![];
+        for n in &self.g.node {
+            let layer = match n.op_type.as_str() {
+                "MatMulInteger" => Some(self.matmul_integer(n)?),
+                "QLinearMatMul" => Some(self.qlinear_matmul(n)?),
+                "MatMul" | "Gemm" => self.float_matmul(n, quantize_fp32)?,
+                _ => None,
+            };
+            if let Some((input, out, w, from_int8)) = layer {
+                let bias = self.bias_after(&out)?;
+                if let Some(b) = &bias {
+                    if b.len() != w.rows() {
+                        return Err(format!("bias of '{}' has {} values", n.name, b.len()));
+                    }
+                }
+                found.push(FoundLinear {
+                    input,
+                    linear: Linear { w, bias, from_int8 },
+                });
+            }
+        }
+        Ok(found)
+    }
+
+    /// The bias of `Add(out, bias constant)` when `out` flows into one.
+    fn bias_after(&self, out: &str) -> Result<Option<Vec<f32>>, Unrecognized> {
+        if let Some(add) = self.sole_consumer(out).filter(|n| n.op_type == "Add") {
+            let other = if add.input[0] == out {
+                &add.input[1]
+            } else {
+                &add.input[0]
+            };
+            if self.is_const(other) {
+                return Ok(Some(self.f32s(other)?));
+            }
+        }
+        Ok(None)
+    }
+
+    /// int8 weights `[K, N]` with per-tensor or per-column scales → packed rows.
+    fn pack_int8(
+        &self,
+        w_name: &str,
+        scale_name: &str,
+        zp_name: Option<&String>,
+        node: &str,
+    ) -> Result<PackedI8, Unrecognized> {
+        let (shape, vals) = self.konst(w_name)?;
+        let Values::I8(q) = vals else {
+            return Err(format!(
+                "'{node}': weights are not int8 (u8 weights are not supported natively)"
+            ));
+        };
+        let [k, n] = shape[..] else {
+            return Err(format!("'{node}': weights are not a matrix"));
+        };
+        if !self.zero_point_is_zero(zp_name)? {
+            return Err(format!("'{node}': asymmetric weights (zero point ≠ 0)"));
+        }
+        let scales = self.f32s(scale_name)?;
+        let scales = match scales.len() {
+            1 => vec![scales[0]; n],
+            l if l == n => scales,
+            l => return Err(format!("'{node}': {l} weight scales for {n} columns")),
+        };
+        let mut t = vec![0i8; k * n];
+        for r in 0..k {
+            for c in 0..n {
+                t[c * k + r] = q[r * n + c];
+            }
+        }
+        Ok(PackedI8::from_quantized(&t, n, k, &scales))
+    }
+
+    /// The `quantize_dynamic` pattern around a `MatMulInteger`.
+    fn matmul_integer(&self, n: &pb::NodeProto) -> Result<Matched, Unrecognized> {
+        let bad = |why: &str| format!("MatMulInteger '{}': {why}", n.name);
+        let dql = self
+            .producer_op(&n.input[0], "DynamicQuantizeLinear")
+            .ok_or_else(|| bad("activation not from DynamicQuantizeLinear"))?;
+        let cast = self
+            .consumer_op(&n.output[0], "Cast")
+            .ok_or_else(|| bad("result not cast to float"))?;
+        let mul = self
+            .consumer_op(&cast.output[0], "Mul")
+            .ok_or_else(|| bad("result not scaled"))?;
+        // The scale is x_scale · w_scale, one Mul earlier.
+        let scale_in = mul
+            .input
+            .iter()
+            .find(|i| **i != cast.output[0])
+            .ok_or_else(|| bad("no scale"))?;
+        let scale_mul = self
+            .producer_op(scale_in, "Mul")
+            .ok_or_else(|| bad("scale is not x_scale·w_scale"))?;
+        let w_scale = scale_mul
+            .input
+            .iter()
+            .find(|i| self.is_const(i))
+            .ok_or_else(|| bad("weight scale is not constant"))?;
+        if !scale_mul.input.contains(&dql.output[1]) {
+            return Err(bad("scale does not use the activation's scale"));
+        }
+        if !self.is_const(&n.input[1]) {
+            return Err(bad("weights are not constant"));
+        }
+        let w = self.pack_int8(&n.input[1], w_scale, n.input.get(3), &n.name)?;
+        Ok((dql.input[0].clone(), mul.output[0].clone(), w, true))
+    }
+
+    /// QOperator: `QLinearMatMul(a, a_s, a_zp, b, b_s, b_zp, y_s, y_zp)` between
+    /// a `QuantizeLinear` and a `DequantizeLinear`.
+    fn qlinear_matmul(&self, n: &pb::NodeProto) -> Result<Matched, Unrecognized> {
+        let bad = |why: &str| format!("QLinearMatMul '{}': {why}", n.name);
+        let q = self
+            .producer_op(&n.input[0], "QuantizeLinear")
+            .ok_or_else(|| bad("activation not from QuantizeLinear"))?;
+        let dq = self
+            .consumer_op(&n.output[0], "DequantizeLinear")
+            .ok_or_else(|| bad("result not dequantized"))?;
+        if !self.is_const(&n.input[3]) {
+            return Err(STATIC_ATTENTION.into());
+        }
+        let w = self.pack_int8(&n.input[3], &n.input[4], n.input.get(5), &n.name)?;
+        Ok((q.input[0].clone(), dq.output[0].clone(), w, true))
+    }
+
+    /// `MatMul(x, W)` or `Gemm(x, W)` with W constant fp32, or QDQ
+    /// (`W = DequantizeLinear(int8)`); x may be `DequantizeLinear(QuantizeLinear(x))`.
+    fn float_matmul(
+        &self,
+        n: &pb::NodeProto,
+        quantize_fp32: bool,
+    ) -> Result<Option<Matched>, Unrecognized> {
+        let bad = |why: &str| format!("{} '{}': {why}", n.op_type, n.name);
+        let mut input = n.input[0].clone();
+        if let Some(dq) = self.producer_op(&input, "DequantizeLinear") {
+            if let Some(q) = self.producer_op(&dq.input[0], "QuantizeLinear") {
+                input = q.input[0].clone();
+            }
+        }
+        let w_name = &n.input[1];
+        if n.op_type == "Gemm" {
+            let trans_b = attr_i(n, "transB").unwrap_or(0);
+            let plain = attr_i(n, "transA").unwrap_or(0) == 0
+                && attr_f(n, "alpha").unwrap_or(1.0) == 1.0
+                && attr_f(n, "beta").unwrap_or(1.0) == 1.0;
+            if !plain || trans_b != 0 || n.input.len() > 2 {
+                return Err(bad(
+                    "only a plain Gemm (no transposes, bias as Add) is supported",
+                ));
+            }
+        }
+        if let Some(dq) = self
+            .producer(w_name)
+            .filter(|p| p.op_type == "DequantizeLinear" && self.is_const(&p.input[0]))
+        {
+            if let Some(axis) = attr_i(dq, "axis") {
+                if axis != 1 && axis != -1 && self.f32s(&dq.input[1])?.len() > 1 {
+                    return Err(bad("weights quantized per input row"));
+                }
+            }
+            let w = self.pack_int8(&dq.input[0], &dq.input[1], dq.input.get(2), &n.name)?;
+            return Ok(Some((input, n.output[0].clone(), w, true)));
+        }
+        if !self.is_const(w_name) {
+            // Activation × activation (attention): fine in float, but a
+            // quantized one is a graph the native engine would not match.
+            let dq_of_act = |t: &str| {
+                self.producer(t)
+                    .is_some_and(|p| p.op_type == "DequantizeLinear" && !self.is_const(&p.input[0]))
+            };
+            if dq_of_act(&n.input[0]) && dq_of_act(w_name) {
+                return Err(STATIC_ATTENTION.into());
+            }
+            return Ok(None);
+        }
+        if !quantize_fp32 {
+            return Err(bad(
+                "fp32 weights: the native engine quantizes them only when asked (quantize = true)",
+            ));
+        }
+        let (shape, vals) = self.konst(w_name)?;
+        let (Values::F32(w), [k, cols]) = (vals, &shape[..]) else {
+            return Err(bad("weights are not a float matrix"));
+        };
+        let (k, cols) = (*k, *cols);
+        let mut t = vec![0f32; k * cols];
+        for r in 0..k {
+            for c in 0..cols {
+                t[c * k + r] = w[r * cols + c];
+            }
+        }
+        Ok(Some((
+            input,
+            n.output[0].clone(),
+            PackedI8::quantize(&t, cols, k),
+            false,
+        )))
+    }
+}

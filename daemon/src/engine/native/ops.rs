@@ -1,0 +1,385 @@
+//! The pieces every native model is made of: embeddings, norms, int8 linear
+//! layers over a block of token rows, and attention over the paged KV cache.
+//! All work in caller-provided buffers (no allocation per token).
+
+use ember_kernels::gemv::{self, PackedI8, Parallel, QVec};
+use ember_kernels::quant::dynamic_quantize_u8;
+use ember_kernels::Kernels;
+
+use super::graph::{Graph, Linear, Unrecognized, Values};
+use super::kv::{KvArena, SeqBlocks, BLOCK};
+use tract_onnx::pb;
+
+/// Token rows a step computes at once (longer prompts go in chunks).
+pub const MAX_ROWS: usize = 64;
+
+/// Below this many multiply-adds a product stays on one thread (waking the
+/// others costs more than it saves).
+const PAR_MIN_MACS: usize = 1 << 19;
+
+/// An embedding table, kept as the file stores it and dequantized a row at a time.
+#[derive(Debug)]
+pub enum Embedding {
+    F32 {
+        data: Vec<f32>,
+        cols: usize,
+    },
+    U8 {
+        data: Vec<u8>,
+        cols: usize,
+        scale: f32,
+        zero_point: u8,
+    },
+    I8 {
+        data: Vec<i8>,
+        cols: usize,
+        scale: f32,
+    },
+}
+
+impl Embedding {
+    /// The table read by `Gather(table, indices)`, through a following
+    /// `DequantizeLinear` when the table is quantized. Returns the embedding
+    /// and the float tensor it produces.
+    pub fn from_gather(
+        g: &Graph,
+        gather: &pb::NodeProto,
+    ) -> Result<(Embedding, String), Unrecognized> {
+        let (shape, vals) = g.konst(&gather.input[0])?;
+        let [rows, cols] = shape[..] else {
+            return Err(format!("embedding '{}' is not a matrix", gather.input[0]));
+        };
+        let dq = || {
+            g.sole_consumer(&gather.output[0])
+                .filter(|n| n.op_type == "DequantizeLinear")
+                .ok_or_else(|| {
+                    format!(
+                        "quantized embedding '{}' without DequantizeLinear",
+                        gather.input[0]
+                    )
+                })
+        };
+        let e = match vals {
+            Values::F32(data) => {
+                return Ok((Embedding::F32 { data, cols }, gather.output[0].clone()))
+            }
+            Values::U8(data) => {
+                let dq = dq()?;
+                let zp = match dq.input.get(2).filter(|z| !z.is_empty()) {
+                    Some(z) => match g.konst(z)?.1 {
+                        Values::U8(v) if v.len() == 1 => v[0],
+                        _ => return Err("embedding zero point is not one u8".into()),
+                    },
+                    None => 0,
+                };
+                (
+                    Embedding::U8 {
+                        data,
+                        cols,
+                        scale: g.scalar(&dq.input[1])?,
+                        zero_point: zp,
+                    },
+                    dq.output[0].clone(),
+                )
+            }
+            Values::I8(data) => {
+                let dq = dq()?;
+                if dq.input.get(2).is_some_and(|z| !z.is_empty()) {
+                    match g.konst(&dq.input[2])?.1 {
+                        Values::I8(v) if v.iter().all(|&z| z == 0) => {}
+                        _ => return Err("embedding zero point is not 0".into()),
+                    }
+                }
+                (
+                    Embedding::I8 {
+                        data,
+                        cols,
+                        scale: g.scalar(&dq.input[1])?,
+                    },
+                    dq.output[0].clone(),
+                )
+            }
+        };
+        debug_assert!(rows > 0);
+        Ok(e)
+    }
+
+    pub fn rows(&self) -> usize {
+        match self {
+            Embedding::F32 { data, cols } => data.len() / cols,
+            Embedding::U8 { data, cols, .. } => data.len() / cols,
+            Embedding::I8 { data, cols, .. } => data.len() / cols,
+        }
+    }
+
+    pub fn cols(&self) -> usize {
+        match self {
+            Embedding::F32 { cols, .. }
+            | Embedding::U8 { cols, .. }
+            | Embedding::I8 { cols, .. } => *cols,
+        }
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Embedding::F32 { data, .. } => data.len() * 4,
+            Embedding::U8 { data, .. } => data.len(),
+            Embedding::I8 { data, .. } => data.len(),
+        }
+    }
+
+    /// `out += row i` (`add`) or `out = row i`.
+    pub fn read(&self, i: usize, out: &mut [f32], add: bool) {
+        let c = self.cols();
+        let put = |o: &mut f32, v: f32| {
+            if add {
+                *o += v
+            } else {
+                *o = v
+            }
+        };
+        match self {
+            Embedding::F32 { data, .. } => {
+                for (o, &v) in out.iter_mut().zip(&data[i * c..(i + 1) * c]) {
+                    put(o, v)
+                }
+            }
+            Embedding::U8 {
+                data,
+                scale,
+                zero_point,
+                ..
+            } => {
+                for (o, &v) in out.iter_mut().zip(&data[i * c..(i + 1) * c]) {
+                    put(o, (v as i32 - *zero_point as i32) as f32 * scale)
+                }
+            }
+            Embedding::I8 { data, scale, .. } => {
+                for (o, &v) in out.iter_mut().zip(&data[i * c..(i + 1) * c]) {
+                    put(o, v as f32 * scale)
+                }
+            }
+        }
+    }
+}
+
+/// u8 quantization of activation rows into the scratch, ready for
+/// [`run_linear`]. One scale per *group* of rows: the rows of one sequence in
+/// a chunk share it, as onnxruntime's `DynamicQuantizeLinear` quantizes the
+/// whole `[tokens, width]` tensor of one call with one scale. So a prompt of
+/// up to [`MAX_ROWS`] tokens and every decode step quantize exactly as
+/// onnxruntime does, and sequences batched together never affect each other.
+pub struct QRows {
+    q: Vec<u8>,
+    scale: Vec<f32>,
+    zp: Vec<u8>,
+}
+
+impl std::fmt::Debug for QRows {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QRows")
+            .field("bytes", &self.q.len())
+            .finish()
+    }
+}
+
+impl QRows {
+    pub fn new(max_cols: usize) -> QRows {
+        QRows {
+            q: vec![0; MAX_ROWS * max_cols],
+            scale: vec![0.0; MAX_ROWS],
+            zp: vec![0; MAX_ROWS],
+        }
+    }
+
+    /// Quantize `src` (`n × cols`, n ≤ MAX_ROWS); `group[r]` names row r's
+    /// group (equal values are contiguous). Returns the activation vectors.
+    pub fn quantize(
+        &mut self,
+        src: &[f32],
+        cols: usize,
+        group: impl Fn(usize) -> usize,
+    ) -> heapless::Vec<QVec<'_>, MAX_ROWS> {
+        let n = src.len() / cols;
+        assert!(n <= MAX_ROWS && n * cols == src.len());
+        let mut start = 0;
+        while start < n {
+            let mut end = start + 1;
+            while end < n && group(end) == group(start) {
+                end += 1;
+            }
+            let (s, z) = dynamic_quantize_u8(
+                &src[start * cols..end * cols],
+                &mut self.q[start * cols..end * cols],
+            );
+            self.scale[start..end].fill(s);
+            self.zp[start..end].fill(z);
+            start = end;
+        }
+        let mut v = heapless::Vec::new();
+        for r in 0..n {
+            let _ = v.push(QVec {
+                q: &self.q[r * cols..(r + 1) * cols],
+                scale: self.scale[r],
+                zero_point: self.zp[r],
+            });
+        }
+        v
+    }
+}
+
+/// `out[i] = lin · src[i] (+ bias)` for the rows of `src`, quantized by group (see [`QRows`]).
+pub fn run_linear(
+    k: &Kernels,
+    lin: &Linear,
+    src: &[f32],
+    group: impl Fn(usize) -> usize,
+    qr: &mut QRows,
+    out: &mut [f32],
+    par: &dyn Parallel,
+) {
+    let w: &PackedI8 = &lin.w;
+    let xs = qr.quantize(src, w.cols(), group);
+    let out = &mut out[..xs.len() * w.rows()];
+    if par.threads() > 1 && w.rows() * w.cols() * xs.len() >= PAR_MIN_MACS {
+        gemv::gemm_par(k, w, &xs, lin.bias.as_deref(), out, par)
+    } else {
+        gemv::gemm(k, w, &xs, lin.bias.as_deref(), out)
+    }
+}
+
+/// Layer norm with scale and shift.
+#[derive(Debug)]
+pub struct Norm {
+    pub gamma: Vec<f32>,
+    /// Zeros when the file has none.
+    pub beta: Vec<f32>,
+    pub eps: f32,
+}
+
+impl Norm {
+    /// `LayerNormalization(x, gamma, beta)` over the last axis.
+    pub fn layer_norm(g: &Graph, n: &pb::NodeProto) -> Result<Norm, Unrecognized> {
+        if super::graph::attr_i(n, "axis").unwrap_or(-1) != -1 {
+            return Err(format!(
+                "LayerNormalization '{}' not over the last axis",
+                n.name
+            ));
+        }
+        let gamma = g.f32s(&n.input[1])?;
+        let beta = match n.input.get(2).filter(|b| !b.is_empty()) {
+            Some(b) => g.f32s(b)?,
+            None => vec![0.0; gamma.len()],
+        };
+        if beta.len() != gamma.len() {
+            return Err(format!(
+                "LayerNormalization '{}': scale and bias differ in length",
+                n.name
+            ));
+        }
+        Ok(Norm {
+            gamma,
+            beta,
+            eps: super::graph::attr_f(n, "epsilon").unwrap_or(1e-5),
+        })
+    }
+
+    /// Layer-normalize each row of `x` (`cols = gamma.len()`) into `out`.
+    pub fn apply_layer(&self, x: &[f32], out: &mut [f32]) {
+        let c = self.gamma.len();
+        out[..x.len()].copy_from_slice(x);
+        for row in out[..x.len()].chunks_mut(c) {
+            ember_kernels::nn::layer_norm(row, &self.gamma, &self.beta, self.eps)
+        }
+    }
+}
+
+/// Attention geometry.
+#[derive(Debug, Clone, Copy)]
+pub struct Heads {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub scale: f32,
+}
+
+/// Causal attention of one query row at position `pos` over positions
+/// `0..=pos` of its sequence: `q` is `heads × head_dim`, `out` likewise;
+/// `scores` is scratch of at least `pos + 1`.
+#[allow(clippy::too_many_arguments)]
+pub fn attend(
+    arena: &KvArena,
+    seq: &SeqBlocks,
+    layer: usize,
+    h: Heads,
+    q: &[f32],
+    pos: usize,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    let hd = h.head_dim;
+    let group = h.heads / h.kv_heads;
+    let n = pos + 1;
+    let scores = &mut scores[..n];
+    for head in 0..h.heads {
+        let kvh = head / group;
+        let qh = &q[head * hd..(head + 1) * hd];
+        let mut max = f32::NEG_INFINITY;
+        for (b, &block) in seq.table[..n.div_ceil(BLOCK)].iter().enumerate() {
+            let keys = arena.slab(block, layer, false, kvh);
+            let in_block = (n - b * BLOCK).min(BLOCK);
+            for s in 0..in_block {
+                let k = &keys[s * hd..(s + 1) * hd];
+                let d = dot(qh, k) * h.scale;
+                scores[b * BLOCK + s] = d;
+                max = max.max(d);
+            }
+        }
+        for s in scores.iter_mut() {
+            *s = ember_kernels::nn::exp(*s - max);
+        }
+        let inv = 1.0 / sum(scores);
+        let o = &mut out[head * hd..(head + 1) * hd];
+        o.fill(0.0);
+        for (b, &block) in seq.table[..n.div_ceil(BLOCK)].iter().enumerate() {
+            let vals = arena.slab(block, layer, true, kvh);
+            let in_block = (n - b * BLOCK).min(BLOCK);
+            for s in 0..in_block {
+                let p = scores[b * BLOCK + s] * inv;
+                for (o, v) in o.iter_mut().zip(&vals[s * hd..(s + 1) * hd]) {
+                    *o += p * v;
+                }
+            }
+        }
+    }
+}
+
+/// Sum in 8 independent lanes (vectorizes, fixed order).
+pub fn sum(a: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = a.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for l in 0..8 {
+            acc[l] += c[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Dot product in 8 independent lanes (vectorizes, fixed summation order).
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = a.len() / 8;
+    for i in 0..chunks {
+        for l in 0..8 {
+            acc[l] += a[i * 8 + l] * b[i * 8 + l];
+        }
+    }
+    let mut s = acc.iter().sum::<f32>();
+    for i in chunks * 8..a.len() {
+        s += a[i] * b[i];
+    }
+    s
+}
