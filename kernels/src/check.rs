@@ -137,3 +137,34 @@ pub(crate) fn tile_u8i8(f: Tile) {
         }
     }
 }
+
+fn f32s(n: usize) -> impl Strategy<Value = Vec<f32>> {
+    proptest::collection::vec(-4f32..4.0, n)
+}
+
+/// Float kernels run the reference's lane-wise code: equal bit for bit.
+pub(crate) fn qk_f32(f: fn(&[f32], &[f32], f32, &mut [f32])) {
+    run(
+        (0usize..80, 0usize..20).prop_flat_map(|(d, n)| (f32s(d), f32s(d * n), Just(n))),
+        |(q, keys, n)| {
+            let (mut a, mut b) = (vec![0f32; n], vec![0f32; n]);
+            f(&q, &keys, 0.125, &mut a);
+            generic::qk_f32(&q, &keys, 0.125, &mut b);
+            prop_assert_eq!(a, b);
+            Ok(())
+        },
+    );
+}
+
+pub(crate) fn pv_f32(f: fn(&[f32], f32, &[f32], &mut [f32])) {
+    run(
+        (0usize..80, 0usize..20).prop_flat_map(|(d, n)| (f32s(n), f32s(d * n), f32s(d))),
+        |(p, vals, out)| {
+            let (mut a, mut b) = (out.clone(), out);
+            f(&p, 0.5, &vals, &mut a);
+            generic::pv_f32(&p, 0.5, &vals, &mut b);
+            prop_assert_eq!(a, b);
+            Ok(())
+        },
+    );
+}

@@ -110,6 +110,10 @@ pub struct Kernels {
     pub dot_i8i8: fn(&[i8], &[i8]) -> i32,
     /// The GEMV/GEMM micro-kernel, see [`TileFn`].
     pub tile_u8i8: TileFn,
+    /// Attention scores over a block of keys, see [`generic::qk_f32`].
+    pub qk_f32: fn(&[f32], &[f32], f32, &mut [f32]),
+    /// Attention's weighted sum of a block of values, see [`generic::pv_f32`].
+    pub pv_f32: fn(&[f32], f32, &[f32], &mut [f32]),
 }
 
 impl Kernels {
@@ -120,6 +124,8 @@ impl Kernels {
             dot_u8i8: generic::dot_u8i8,
             dot_i8i8: generic::dot_i8i8,
             tile_u8i8: generic::tile_u8i8,
+            qk_f32: generic::qk_f32,
+            pv_f32: generic::pv_f32,
         }
     }
 

@@ -141,3 +141,108 @@ mod tests {
         assert_eq!(log_sum_exp(&[f32::NEG_INFINITY; 3]).1, f32::NEG_INFINITY);
     }
 }
+
+/// Panics unless `rows` holds `out.len()` rows of `q.len()` (for [`qk_f32`]).
+pub fn check_qk(q: &[f32], keys: &[f32], out: &[f32]) {
+    assert_eq!(
+        keys.len(),
+        q.len() * out.len(),
+        "keys are not out.len() rows of q.len()"
+    );
+}
+
+/// Panics unless `vals` holds `p.len()` rows of `out.len()` (for [`pv_f32`]).
+pub fn check_pv(p: &[f32], vals: &[f32], out: &[f32]) {
+    assert_eq!(
+        vals.len(),
+        p.len() * out.len(),
+        "values are not p.len() rows of out.len()"
+    );
+}
+
+/// Lanes of the float kernels' accumulators. Every ISA runs the same
+/// lane-wise code (Rust never fuses or reorders float operations), so the
+/// results are bit-identical across ISAs, like the integer kernels'.
+const LANES: usize = 16;
+
+/// Attention scores: `out[s] = scale · q · keys[s]` for each key row.
+pub fn qk_f32(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) {
+    check_qk(q, keys, out);
+    qk_body(q, keys, scale, out)
+}
+
+/// The body of [`qk_f32`], inlined into each ISA's copy.
+#[inline(always)]
+pub(crate) fn qk_body(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) {
+    let d = q.len();
+    for (o, k) in out.iter_mut().zip(keys.chunks_exact(d.max(1))) {
+        let mut acc = [0f32; LANES];
+        let (cq, ck) = (q.chunks_exact(LANES), k.chunks_exact(LANES));
+        let mut tail = 0f32;
+        for (x, y) in cq.remainder().iter().zip(ck.remainder()) {
+            tail += x * y;
+        }
+        for (x, y) in cq.zip(ck) {
+            for l in 0..LANES {
+                acc[l] += x[l] * y[l];
+            }
+        }
+        // Pairwise fold: 16 → 8 → 4 → 2 → 1, same order everywhere.
+        let mut w = LANES / 2;
+        while w > 0 {
+            for l in 0..w {
+                acc[l] += acc[l + w];
+            }
+            w /= 2;
+        }
+        *o = (acc[0] + tail) * scale;
+    }
+}
+
+/// Attention output: `out += scale · Σ_s p[s] · vals[s]` over value rows.
+pub fn pv_f32(p: &[f32], scale: f32, vals: &[f32], out: &mut [f32]) {
+    check_pv(p, vals, out);
+    pv_body(p, scale, vals, out)
+}
+
+/// The body of [`pv_f32`]: the output is held in registers [`LANES`] at a
+/// time while the rows stream by, four rows at once into four accumulators
+/// (one chain of dependent additions would wait on the adder's latency).
+#[inline(always)]
+pub(crate) fn pv_body(p: &[f32], scale: f32, vals: &[f32], out: &mut [f32]) {
+    let d = out.len();
+    let mut c = 0;
+    while c + LANES <= d {
+        let mut acc = [[0f32; LANES]; 4];
+        let quads = p.len() / 4;
+        for i in 0..quads {
+            for (j, a) in acc.iter_mut().enumerate() {
+                let s = 4 * i + j;
+                let ps = p[s] * scale;
+                let v = &vals[s * d + c..s * d + c + LANES];
+                for l in 0..LANES {
+                    a[l] += ps * v[l];
+                }
+            }
+        }
+        for s in 4 * quads..p.len() {
+            let ps = p[s] * scale;
+            let v = &vals[s * d + c..s * d + c + LANES];
+            for l in 0..LANES {
+                acc[0][l] += ps * v[l];
+            }
+        }
+        for (l, o) in out[c..c + LANES].iter_mut().enumerate() {
+            *o += (acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l]);
+        }
+        c += LANES;
+    }
+    if c < d {
+        for (s, &ps) in p.iter().enumerate() {
+            let ps = ps * scale;
+            for (o, v) in out[c..].iter_mut().zip(&vals[s * d + c..(s + 1) * d]) {
+                *o += ps * v;
+            }
+        }
+    }
+}

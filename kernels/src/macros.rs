@@ -10,7 +10,7 @@
 ///           pub fn NAME = IMPL, isa = "what it needs", when = PREDICATE; }
 /// ```
 ///
-/// The kind (`dot_u8i8`, `dot_i8i8`, `tile_u8i8`) picks the signature, the
+/// The kind (`dot_u8i8`, `dot_i8i8`, `tile_u8i8`, `qk_f32`, `pv_f32`) picks the signature, the
 /// precondition check from [`crate::generic`] and the property test from
 /// `crate::check`. The generated `NAME` asserts the preconditions and the CPU
 /// predicate (a caller that skipped detection gets a panic, never undefined
@@ -52,6 +52,28 @@ macro_rules! kernel {
             unsafe { $imp(xs, n, w) }
         }
         kernel!(@test $name, $pred, tile_u8i8);
+    };
+    (qk_f32: $(#[$doc:meta])* pub fn $name:ident = $imp:path, isa = $isa:expr, when = $pred:expr;) => {
+        $(#[$doc])*
+        pub fn $name(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) {
+            crate::generic::check_qk(q, keys, out);
+            assert!($pred, concat!(stringify!($name), " needs a CPU with ", $isa));
+            // SAFETY: the CPU features `$imp` needs were checked just above; the
+            // body is safe, bounds-checked Rust.
+            unsafe { $imp(q, keys, scale, out) }
+        }
+        kernel!(@test $name, $pred, qk_f32);
+    };
+    (pv_f32: $(#[$doc:meta])* pub fn $name:ident = $imp:path, isa = $isa:expr, when = $pred:expr;) => {
+        $(#[$doc])*
+        pub fn $name(p: &[f32], scale: f32, vals: &[f32], out: &mut [f32]) {
+            crate::generic::check_pv(p, vals, out);
+            assert!($pred, concat!(stringify!($name), " needs a CPU with ", $isa));
+            // SAFETY: the CPU features `$imp` needs were checked just above; the
+            // body is safe, bounds-checked Rust.
+            unsafe { $imp(p, scale, vals, out) }
+        }
+        kernel!(@test $name, $pred, pv_f32);
     };
     (@test $name:ident, $pred:expr, $check:ident) => {
         #[cfg(test)]

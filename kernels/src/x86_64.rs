@@ -17,6 +17,8 @@ fn has_avx512vnni() -> bool {
 pub(crate) fn plug(k: &mut Kernels, limit: Isa) {
     if limit.allows(Isa::Avx2) && has_avx2() {
         k.isa = Isa::Avx2;
+        k.qk_f32 = qk_f32_avx2;
+        k.pv_f32 = pv_f32_avx2;
         k.dot_u8i8 = dot_u8i8_avx2;
         k.dot_i8i8 = dot_i8i8_avx2;
         k.tile_u8i8 = tile_u8i8_avx2;
@@ -26,6 +28,63 @@ pub(crate) fn plug(k: &mut Kernels, limit: Isa) {
         k.dot_u8i8 = dot_u8i8_avx512vnni;
         k.dot_i8i8 = dot_i8i8_avx512vnni;
         k.tile_u8i8 = tile_u8i8_avx512vnni;
+        k.qk_f32 = qk_f32_avx512;
+        k.pv_f32 = pv_f32_avx512;
+    }
+}
+
+kernel! { qk_f32:
+    /// Attention scores with 256-bit vectors: the reference's code compiled for AVX2.
+    pub fn qk_f32_avx2 = float::qk_avx2, isa = "AVX2 and FMA", when = has_avx2();
+}
+
+kernel! { pv_f32:
+    /// Attention's weighted value sum, the reference's code compiled for AVX2.
+    pub fn pv_f32_avx2 = float::pv_avx2, isa = "AVX2 and FMA", when = has_avx2();
+}
+
+kernel! { qk_f32:
+    /// Attention scores with 512-bit vectors (one register per 16 lanes).
+    pub fn qk_f32_avx512 = float::qk_avx512, isa = "AVX-512 F, BW and VNNI", when = has_avx512vnni();
+}
+
+kernel! { pv_f32:
+    /// Attention's weighted value sum with 512-bit vectors.
+    pub fn pv_f32_avx512 = float::pv_avx512, isa = "AVX-512 F, BW and VNNI", when = has_avx512vnni();
+}
+
+/// The float kernels: the generic lane-wise bodies, compiled with wider
+/// vectors. No FMA contraction happens (Rust does not fuse `a * b + c`), so
+/// results equal the reference bit for bit.
+mod float {
+    use crate::generic::{pv_body, qk_body};
+
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn qk_avx2(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) {
+        qk_body(q, keys, scale, out)
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn pv_avx2(p: &[f32], scale: f32, vals: &[f32], out: &mut [f32]) {
+        pv_body(p, scale, vals, out)
+    }
+
+    /// # Safety
+    /// The CPU must support AVX-512 F.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn qk_avx512(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) {
+        qk_body(q, keys, scale, out)
+    }
+
+    /// # Safety
+    /// The CPU must support AVX-512 F.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn pv_avx512(p: &[f32], scale: f32, vals: &[f32], out: &mut [f32]) {
+        pv_body(p, scale, vals, out)
     }
 }
 

@@ -326,6 +326,7 @@ impl Gpt2 {
             for (r, row) in rows.iter().enumerate() {
                 let q = &qkv[r * 3 * h..r * 3 * h + h];
                 attend(
+                    k,
                     arena,
                     jobs[row.job].blocks,
                     l,

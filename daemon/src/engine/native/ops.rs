@@ -309,6 +309,7 @@ pub struct Heads {
 /// `scores` is scratch of at least `pos + 1`.
 #[allow(clippy::too_many_arguments)]
 pub fn attend(
+    k: &Kernels,
     arena: &KvArena,
     seq: &SeqBlocks,
     layer: usize,
@@ -322,35 +323,26 @@ pub fn attend(
     let group = h.heads / h.kv_heads;
     let n = pos + 1;
     let scores = &mut scores[..n];
+    let blocks = &seq.table[..n.div_ceil(BLOCK)];
     for head in 0..h.heads {
         let kvh = head / group;
         let qh = &q[head * hd..(head + 1) * hd];
-        let mut max = f32::NEG_INFINITY;
-        for (b, &block) in seq.table[..n.div_ceil(BLOCK)].iter().enumerate() {
-            let keys = arena.slab(block, layer, false, kvh);
-            let in_block = (n - b * BLOCK).min(BLOCK);
-            for s in 0..in_block {
-                let k = &keys[s * hd..(s + 1) * hd];
-                let d = dot(qh, k) * h.scale;
-                scores[b * BLOCK + s] = d;
-                max = max.max(d);
-            }
+        for (b, &block) in blocks.iter().enumerate() {
+            let m = (n - b * BLOCK).min(BLOCK);
+            let keys = &arena.slab(block, layer, false, kvh)[..m * hd];
+            (k.qk_f32)(qh, keys, h.scale, &mut scores[b * BLOCK..b * BLOCK + m]);
         }
+        let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
         for s in scores.iter_mut() {
             *s = ember_kernels::nn::exp(*s - max);
         }
         let inv = 1.0 / sum(scores);
         let o = &mut out[head * hd..(head + 1) * hd];
         o.fill(0.0);
-        for (b, &block) in seq.table[..n.div_ceil(BLOCK)].iter().enumerate() {
-            let vals = arena.slab(block, layer, true, kvh);
-            let in_block = (n - b * BLOCK).min(BLOCK);
-            for s in 0..in_block {
-                let p = scores[b * BLOCK + s] * inv;
-                for (o, v) in o.iter_mut().zip(&vals[s * hd..(s + 1) * hd]) {
-                    *o += p * v;
-                }
-            }
+        for (b, &block) in blocks.iter().enumerate() {
+            let m = (n - b * BLOCK).min(BLOCK);
+            let vals = &arena.slab(block, layer, true, kvh)[..m * hd];
+            (k.pv_f32)(&scores[b * BLOCK..b * BLOCK + m], inv, vals, o);
         }
     }
 }
@@ -366,20 +358,4 @@ pub fn sum(a: &[f32]) -> f32 {
         }
     }
     acc.iter().sum::<f32>() + tail
-}
-
-/// Dot product in 8 independent lanes (vectorizes, fixed summation order).
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let chunks = a.len() / 8;
-    for i in 0..chunks {
-        for l in 0..8 {
-            acc[l] += a[i * 8 + l] * b[i * 8 + l];
-        }
-    }
-    let mut s = acc.iter().sum::<f32>();
-    for i in chunks * 8..a.len() {
-        s += a[i] * b[i];
-    }
-    s
 }
