@@ -113,35 +113,6 @@ pub fn log_softmax_inplace(x: &mut [f32]) {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn argmax_prefers_lowest_index_and_skips_nan() {
-        assert_eq!(argmax(&[1.0, 3.0, 3.0, 2.0]), 1);
-        assert_eq!(argmax(&[f32::NAN, -1.0, 0.5]), 2);
-        assert_eq!(argmax(&[]), 0);
-    }
-
-    #[test]
-    fn softmax_sums_to_one_even_for_huge_logits() {
-        let mut x = vec![1000.0f32, 999.0, -1000.0, 0.0];
-        softmax_inplace(&mut x);
-        let s: f32 = x.iter().sum();
-        assert!((s - 1.0).abs() < 1e-6, "{s}");
-        assert!((x[0] / x[1] - 1f32.exp()).abs() < 1e-4);
-        let mut y = vec![1000.0f32, 999.0, -1000.0, 0.0];
-        log_softmax_inplace(&mut y);
-        assert!((y[0].exp() - x[0]).abs() < 1e-6);
-    }
-
-    #[test]
-    fn log_sum_exp_of_all_minus_infinity_is_minus_infinity() {
-        assert_eq!(log_sum_exp(&[f32::NEG_INFINITY; 3]).1, f32::NEG_INFINITY);
-    }
-}
-
 /// Panics unless `rows` holds `out.len()` rows of `q.len()` (for [`qk_f32`]).
 pub fn check_qk(q: &[f32], keys: &[f32], out: &[f32]) {
     assert_eq!(
@@ -244,5 +215,34 @@ pub(crate) fn pv_body(p: &[f32], scale: f32, vals: &[f32], out: &mut [f32]) {
                 *o += ps * v;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn argmax_prefers_lowest_index_and_skips_nan() {
+        assert_eq!(argmax(&[1.0, 3.0, 3.0, 2.0]), 1);
+        assert_eq!(argmax(&[f32::NAN, -1.0, 0.5]), 2);
+        assert_eq!(argmax(&[]), 0);
+    }
+
+    #[test]
+    fn softmax_sums_to_one_even_for_huge_logits() {
+        let mut x = vec![1000.0f32, 999.0, -1000.0, 0.0];
+        softmax_inplace(&mut x);
+        let s: f32 = x.iter().sum();
+        assert!((s - 1.0).abs() < 1e-6, "{s}");
+        assert!((x[0] / x[1] - 1f32.exp()).abs() < 1e-4);
+        let mut y = vec![1000.0f32, 999.0, -1000.0, 0.0];
+        log_softmax_inplace(&mut y);
+        assert!((y[0].exp() - x[0]).abs() < 1e-6);
+    }
+
+    #[test]
+    fn log_sum_exp_of_all_minus_infinity_is_minus_infinity() {
+        assert_eq!(log_sum_exp(&[f32::NEG_INFINITY; 3]).1, f32::NEG_INFINITY);
     }
 }

@@ -15,7 +15,7 @@ pub const MAX_ROWS: usize = 64;
 
 /// Below this many multiply-adds a product stays on one thread (waking the
 /// others costs more than it saves).
-const PAR_MIN_MACS: usize = 1 << 19;
+const PAR_MIN_MACS: usize = 1 << 16;
 
 /// An embedding table, kept as the file stores it and dequantized a row at a time.
 #[derive(Debug)]
