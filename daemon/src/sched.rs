@@ -12,6 +12,13 @@
 //! sequence with its own seeded sampler, so a request's tokens do not depend on
 //! what else is in the batch.
 //!
+//! Prefill is chunked: an admitted prompt joins the next steps in pieces of
+//! at most [`PREFILL_CHUNK`] tokens (the pieces of all prompts being read
+//! share that budget per step), alongside the running sequences' decode
+//! tokens. A long prompt therefore delays the running streams by one chunk
+//! per step instead of its whole length, and on the native backend its rows
+//! go through the same weight reads as the decode rows.
+//!
 //! Outcomes the scheduler decides (ok, timeout, cancelled) are counted here;
 //! failures are counted by the front end that relays them.
 //!
@@ -33,7 +40,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::engine::{BatchItem, EngineError, Logits, Model, SeqState};
+use crate::engine::{BatchItem, EngineError, Model, SeqState};
 use crate::generate::{FinishReason, GenerateParams, Generation, Step, Timings, Usage};
 use crate::metrics::ModelMetrics;
 
@@ -261,10 +268,15 @@ impl Drop for Scheduler {
     }
 }
 
+/// Prompt tokens fed per step, over all sequences still reading their prompt.
+pub const PREFILL_CHUNK: usize = 64;
+
 /// A sequence in the running batch.
 struct Seq {
     gen: Generation,
     state: SeqState,
+    /// Prompt tokens already fed (the sequence decodes once all are).
+    fed: usize,
     logits: Vec<f32>,
     next: u32,
     events: UnboundedSender<Event>,
@@ -366,38 +378,32 @@ impl Worker {
         }
         let model = &*self.model;
         let want_logprobs = job.params.sampling.logprobs.is_some();
-        let started = || -> Result<(Generation, SeqState, Vec<f32>), EngineError> {
+        let started = || -> Result<(Generation, SeqState), EngineError> {
             let gen = Generation::new(model, job.prompt_ids, job.params)?;
-            let mut state = model.backend.new_state()?;
-            let mut logits = Vec::with_capacity(model.backend.vocab_size());
-            model
-                .backend
-                .forward(&mut state, gen.prompt_ids(), Logits::Last, &mut logits)?;
-            Ok((gen, state, logits))
+            let state = model.backend.new_state()?;
+            Ok((gen, state))
         };
         match started() {
             Err(e) => {
                 // Counted by the front end that relays the failure.
                 let _ = job.events.send(Event::Failed(e));
             }
-            Ok((gen, state, logits)) => {
+            Ok((gen, state)) => {
                 let now = Instant::now();
-                let mut seq = Seq {
+                self.active.push(Seq {
                     gen,
                     state,
-                    logits,
+                    fed: 0,
+                    logits: Vec::with_capacity(model.backend.vocab_size()),
                     next: 0,
                     events: job.events,
                     received: job.received,
                     deadline: job.deadline,
-                    prefill: now - job.received,
+                    prefill: Duration::ZERO,
                     first: None,
                     last_token: now,
                     want_logprobs,
-                };
-                if self.sample(&mut seq) {
-                    self.active.push(seq);
-                }
+                });
             }
         }
     }
@@ -418,27 +424,68 @@ impl Worker {
             }
             true
         });
-        let results: Vec<Result<(), EngineError>> = {
-            let mut items: Vec<BatchItem> = self
-                .active
-                .iter_mut()
-                .map(|s| BatchItem {
-                    state: &mut s.state,
-                    tokens: std::slice::from_ref(&s.next),
-                    logits: &mut s.logits,
-                    result: Ok(()),
-                })
-                .collect();
-            model.backend.forward_batch(&mut items);
-            items.into_iter().map(|it| it.result).collect()
+        // Decode tokens for every sequence past its prompt, prompt pieces for
+        // the others within the step's budget (first come, first served).
+        let mut budget = PREFILL_CHUNK;
+        let len = self.active.len();
+        let mut fed = vec![0usize; len];
+        let results: Vec<Option<Result<(), EngineError>>> = {
+            let mut items: Vec<(usize, BatchItem)> = Vec::with_capacity(self.active.len());
+            for (i, s) in self.active.iter_mut().enumerate() {
+                let prompt = s.gen.prompt_ids();
+                let tokens = if s.fed < prompt.len() {
+                    let n = (prompt.len() - s.fed).min(budget);
+                    if n == 0 {
+                        continue;
+                    }
+                    budget -= n;
+                    fed[i] = n;
+                    &prompt[s.fed..s.fed + n]
+                } else {
+                    std::slice::from_ref(&s.next)
+                };
+                items.push((
+                    i,
+                    BatchItem {
+                        state: &mut s.state,
+                        tokens,
+                        logits: &mut s.logits,
+                        result: Ok(()),
+                    },
+                ));
+            }
+            let (index, mut batch): (Vec<usize>, Vec<BatchItem>) = items.into_iter().unzip();
+            model.backend.forward_batch(&mut batch);
+            let mut results: Vec<Option<Result<(), EngineError>>> =
+                (0..len).map(|_| None).collect();
+            for (i, it) in index.into_iter().zip(batch) {
+                results[i] = Some(it.result);
+            }
+            results
         };
         let mut keep = Vec::with_capacity(self.active.len());
-        for (mut s, r) in self.active.drain(..).zip(results).collect::<Vec<_>>() {
+        let now = Instant::now();
+        for ((mut s, r), n) in self
+            .active
+            .drain(..)
+            .zip(results)
+            .zip(fed)
+            .collect::<Vec<_>>()
+        {
             match r {
-                Err(e) => {
+                None => keep.push(s), // its prompt waits for the next step's budget
+                Some(Err(e)) => {
                     let _ = s.events.send(Event::Failed(e));
                 }
-                Ok(()) => {
+                Some(Ok(())) => {
+                    s.fed += n;
+                    if s.fed < s.gen.prompt_ids().len() {
+                        keep.push(s); // more prompt to read
+                        continue;
+                    }
+                    if n > 0 {
+                        s.prefill = now - s.received;
+                    }
                     if self.sample(&mut s) {
                         keep.push(s);
                     }

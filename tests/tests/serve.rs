@@ -128,16 +128,19 @@ fn chat_completions_use_the_template_and_stream_the_same_text() {
     assert!(done);
 }
 
+/// Also covers chunked prefill: one prompt is ~170 tokens, read over three
+/// steps in pieces of at most 64 while the others decode.
 #[test]
 fn eight_concurrent_streams_equal_their_single_runs() {
     let d = Daemon::start(&config(8, 16, 60.0));
+    let long = "In the beginning God created the heaven and the earth. ".repeat(14);
     let prompts = [
         "In the beginning",
         "And God said",
         "The LORD is my shepherd",
         "起初神创造天地",
         "Blessed are the meek",
-        "And it came to pass",
+        long.as_str(),
         "Thou shalt not",
         "Let there be light",
     ];
@@ -176,6 +179,28 @@ fn eight_concurrent_streams_equal_their_single_runs() {
             hs.into_iter().map(|h| h.join().unwrap()).collect()
         });
         assert_eq!(together, alone, "{model}: batching changed a greedy output");
+        if model == "kjv-gpt2" {
+            // The CLI feeds the long prompt in one call: the same text.
+            let dir = ember_tests::model(model);
+            let out = emberd(&[
+                "generate",
+                "--model",
+                dir.to_str().unwrap(),
+                "--temperature",
+                "0",
+                "--max-tokens",
+                "40",
+                "--json",
+                &long,
+            ]);
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            assert_eq!(
+                v["text"].as_str().unwrap(),
+                alone[5],
+                "chunked prefill changed the text"
+            );
+            assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() > 128, "{v}");
+        }
     }
     let m = d.get("/metrics").body;
     assert!(
