@@ -4,7 +4,8 @@
 #  1. ember-kernels' tests, each run asserting (EMBER_EXPECT_ISA) which kernels
 #     detection must pick, so a run cannot pass by silently using only the
 #     scalar path;
-#  2. end to end: `emberd generate` (greedy, 32 tokens) on each demo model and
+#  2. end to end: `emberd generate` (greedy, 32 tokens) on each demo model (kjv-gpt2
+#     on the native engine, kjv-lstm on tract) and
 #     prompt must print exactly the token ids and text of the x86_64 build.
 #
 #   cross/test.sh aarch64-unknown-linux-gnu       # Cortex-A72 (Pi 4) and A76 (Pi 5)
@@ -38,9 +39,13 @@ summary() {
     python3 -c 'import json, sys; d = json.load(sys.stdin); print(d["token_ids"], json.dumps(d["text"], ensure_ascii=False))'
 }
 fail=0
-for model in kjv-gpt2 kjv-lstm; do
+# kjv-gpt2 on the native int8 engine (forced: a load that fell back to tract
+# would fail instead of passing unnoticed), kjv-lstm on tract.
+for model in kjv-gpt2:native kjv-lstm:tract; do
+    backend=${model#*:}
+    model=${model%%:*}
     for prompt in "And God said" "In the beginning God created" "起初，神创造天地。"; do
-        args=(generate --model "models/$model" --max-tokens 32 --temperature 0 --json "$prompt")
+        args=(generate --model "models/$model" --backend "$backend" --max-tokens 32 --temperature 0 --json "$prompt")
         want=$(target/debug/emberd "${args[@]}" | summary)
         for run in "${runs[@]}"; do
             cpu=${run%%:*}

@@ -45,6 +45,7 @@ pub struct Metrics {
     queue_depth: Family<ModelLabel, Gauge>,
     active: Family<ModelLabel, Gauge>,
     tokens: Family<ModelLabel, Counter>,
+    prefix_tokens: Family<ModelLabel, Counter>,
     ttft: Hist,
     token_latency: Hist,
     load_seconds: Family<ModelLabel, Gauge<f64, AtomicU64>>,
@@ -65,6 +66,7 @@ impl Metrics {
             queue_depth: Family::default(),
             active: Family::default(),
             tokens: Family::default(),
+            prefix_tokens: Family::default(),
             ttft: Family::new_with_constructor(ttft_histogram as fn() -> Histogram),
             token_latency: Family::new_with_constructor(token_histogram as fn() -> Histogram),
             load_seconds: Family::default(),
@@ -86,6 +88,11 @@ impl Metrics {
             m.active.clone(),
         );
         registry.register("generated_tokens", "Tokens generated", m.tokens.clone());
+        registry.register(
+            "prefix_reused_tokens",
+            "Prompt tokens taken from the KV cache of an earlier request (prefix reuse)",
+            m.prefix_tokens.clone(),
+        );
         registry.register(
             "time_to_first_token_seconds",
             "From request received to first token",
@@ -122,6 +129,7 @@ impl Metrics {
             queue_depth: self.queue_depth.get_or_create(&l).clone(),
             active: self.active.get_or_create(&l).clone(),
             tokens: self.tokens.get_or_create(&l).clone(),
+            prefix_tokens: self.prefix_tokens.get_or_create(&l).clone(),
             ttft: self.ttft.get_or_create(&l).clone(),
             token_latency: self.token_latency.get_or_create(&l).clone(),
             load_seconds: self.load_seconds.get_or_create(&l).clone(),
@@ -148,6 +156,8 @@ pub struct ModelMetrics {
     pub active: Gauge,
     /// Tokens generated.
     pub tokens: Counter,
+    /// Prompt tokens served from the prefix cache.
+    pub prefix_tokens: Counter,
     /// Time to first token.
     pub ttft: Histogram,
     /// Inter-token latency.

@@ -378,22 +378,29 @@ impl Worker {
         }
         let model = &*self.model;
         let want_logprobs = job.params.sampling.logprobs.is_some();
-        let started = || -> Result<(Generation, SeqState), EngineError> {
+        let started = || -> Result<(Generation, SeqState, usize), EngineError> {
             let gen = Generation::new(model, job.prompt_ids, job.params)?;
-            let state = model.backend.new_state()?;
-            Ok((gen, state))
+            let mut state = model.backend.new_state()?;
+            // A prompt starting like an earlier one (same system prompt)
+            // skips what is cached.
+            let reused = model.backend.reuse_prefix(&mut state, gen.prompt_ids());
+            if reused > 0 {
+                tracing::debug!(reused, prompt = gen.prompt_ids().len(), "prefix reused");
+            }
+            Ok((gen, state, reused))
         };
         match started() {
             Err(e) => {
                 // Counted by the front end that relays the failure.
                 let _ = job.events.send(Event::Failed(e));
             }
-            Ok((gen, state)) => {
+            Ok((gen, state, reused)) => {
                 let now = Instant::now();
+                self.metrics.prefix_tokens.inc_by(reused as u64);
                 self.active.push(Seq {
                     gen,
                     state,
-                    fed: 0,
+                    fed: reused,
                     logits: Vec::with_capacity(model.backend.vocab_size()),
                     next: 0,
                     events: job.events,

@@ -270,3 +270,51 @@ fn native_refuses_what_does_not_fit() {
         .unwrap();
     assert_eq!(other.len, 2);
 }
+
+/// A prompt that starts like an earlier one takes its full KV blocks: the
+/// shared part is not computed again, and the continuation is the same as
+/// without the cache (greedy, 24 tokens).
+#[test]
+fn native_prefix_reuse() {
+    let m = load("kjv-gpt2", BackendChoice::Native, 4);
+    let system =
+        "Thou art a helpful assistant that answereth in the words of the King James Bible. ";
+    let a: Vec<u32> = m
+        .tokenizer
+        .encode(&format!("{system}Who created the heaven?"))
+        .unwrap();
+    let b: Vec<u32> = m
+        .tokenizer
+        .encode(&format!("{system}Who is my shepherd?"))
+        .unwrap();
+    let shared = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+    assert!(shared >= 16, "test prompts share {shared} tokens");
+
+    // Without any cache: a fresh model.
+    let fresh = load("kjv-gpt2", BackendChoice::Native, 4);
+    let (want, _) = greedy(&fresh, &b, 24);
+
+    // Request a, then b reusing a's full blocks.
+    let (_, _) = greedy(&m, &a, 4);
+    let mut st = m.backend.new_state().unwrap();
+    let reused = m.backend.reuse_prefix(&mut st, &b);
+    assert_eq!(reused, shared / 16 * 16, "full blocks of the shared prefix");
+    assert_eq!(st.len, reused);
+    let mut l = vec![];
+    m.backend
+        .forward(&mut st, &b[reused..], Logits::Last, &mut l)
+        .unwrap();
+    let mut got = vec![];
+    for _ in 0..24 {
+        let t = argmax(&l);
+        got.push(t);
+        m.backend
+            .forward(&mut st, &[t], Logits::Last, &mut l)
+            .unwrap();
+    }
+    assert_eq!(got, want, "continuation after prefix reuse");
+    // tract has no cache: nothing reused.
+    let t = load("kjv-gpt2", BackendChoice::Tract, 1);
+    let mut ts = t.backend.new_state().unwrap();
+    assert_eq!(t.backend.reuse_prefix(&mut ts, &b), 0);
+}

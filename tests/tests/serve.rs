@@ -207,6 +207,17 @@ fn eight_concurrent_streams_equal_their_single_runs() {
         m.contains("ember_requests_total{model=\"kjv-gpt2\",outcome=\"ok\"} 16"),
         "{m}"
     );
+    // Second runs took the first runs' full KV blocks: 144 of the long
+    // prompt's 155 tokens, 16 of the Chinese prompt's (the only other one
+    // longer than a 16-token block); tract (the LSTM) has no cache.
+    assert!(
+        m.contains("ember_prefix_reused_tokens_total{model=\"kjv-gpt2\"} 160"),
+        "{m}"
+    );
+    assert!(
+        m.contains("ember_prefix_reused_tokens_total{model=\"kjv-lstm\"} 0"),
+        "{m}"
+    );
 }
 
 #[test]

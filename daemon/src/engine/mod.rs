@@ -101,7 +101,14 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         which: Logits,
         out: &mut Vec<f32>,
     ) -> Result<(), EngineError>;
-    /// [`Backend::forward`], timing each operator into `profile`.
+    /// On a fresh sequence: take cached state for a prefix of `prompt`
+    /// (prefix reuse) and return how many of its tokens are already in
+    /// `state`; the caller feeds the rest. Backends without a cache return 0.
+    fn reuse_prefix(&self, state: &mut SeqState, prompt: &[u32]) -> usize {
+        let _ = (state, prompt);
+        0
+    }
+
     /// One step for several sequences (continuous batching), logits of each
     /// item's last position into its `logits`. The default steps them one after
     /// another; a backend that can runs them as one batched product.

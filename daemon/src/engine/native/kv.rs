@@ -3,10 +3,19 @@
 //! gives its blocks back when it ends (its state is dropped). Memory is
 //! bounded by the configured batch × context and never allocated per token.
 //!
+//! Prefix reuse: a full block is named by a hash of all tokens up to its end
+//! (the chain of its predecessors' hashes and its own tokens). When a
+//! sequence fills a block it registers that name; a new sequence whose prompt
+//! starts with the same tokens takes the registered blocks (reference
+//! counted) instead of computing them again. A full block is never written
+//! again, so sharing needs no copying. Blocks no sequence holds stay cached
+//! until their memory is needed (least recently released first).
+//!
 //! A block holds every layer's keys and values for its positions, laid out
 //! `[layer][key|value][kv head][position in block][head dim]`, so one head's
 //! keys for a block are contiguous (what the attention loop reads).
 
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 /// Positions per block.
@@ -27,26 +36,89 @@ impl KvShape {
     }
 }
 
-/// The free blocks, shared with the sequences so they can return theirs.
+/// Block bookkeeping, shared with the sequences so they can return theirs.
 #[derive(Debug)]
 pub struct BlockPool {
-    free: Mutex<Vec<u32>>,
+    state: Mutex<PoolState>,
     total: usize,
+}
+
+#[derive(Debug)]
+struct PoolState {
+    /// Blocks holding nothing.
+    free: Vec<u32>,
+    /// Sequences holding each block.
+    refs: Vec<u32>,
+    /// Registered full blocks by prefix hash, and each block's hash.
+    by_hash: HashMap<u64, u32>,
+    hash_of: Vec<Option<u64>>,
+    /// Registered blocks no sequence holds, least recently released first.
+    idle: VecDeque<u32>,
+}
+
+impl PoolState {
+    /// A block to write: a free one, else the oldest idle cached one.
+    fn take(&mut self) -> Option<u32> {
+        let b = match self.free.pop() {
+            Some(b) => b,
+            None => {
+                let b = self.idle.pop_front()?;
+                if let Some(h) = self.hash_of[b as usize].take() {
+                    self.by_hash.remove(&h);
+                }
+                b
+            }
+        };
+        self.refs[b as usize] = 1;
+        Some(b)
+    }
+
+    fn release(&mut self, b: u32) {
+        let r = &mut self.refs[b as usize];
+        *r -= 1;
+        if *r == 0 {
+            if self.hash_of[b as usize].is_some() {
+                self.idle.push_back(b);
+            } else {
+                self.free.push(b);
+            }
+        }
+    }
 }
 
 impl BlockPool {
     fn new(total: usize) -> Arc<BlockPool> {
         Arc::new(BlockPool {
-            free: Mutex::new((0..total as u32).rev().collect()),
+            state: Mutex::new(PoolState {
+                free: (0..total as u32).rev().collect(),
+                refs: vec![0; total],
+                by_hash: HashMap::new(),
+                hash_of: vec![None; total],
+                idle: VecDeque::new(),
+            }),
             total,
         })
     }
 
-    /// Blocks not held by any sequence.
+    fn lock(&self) -> std::sync::MutexGuard<'_, PoolState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Blocks not held by any sequence (free or idle cached).
     #[cfg(test)]
     fn free_blocks(&self) -> usize {
-        self.free.lock().unwrap_or_else(|e| e.into_inner()).len()
+        let st = self.lock();
+        st.free.len() + st.idle.len()
     }
+}
+
+/// The name of a full block: its predecessor's name and its tokens.
+fn chain_hash(prev: u64, tokens: &[u32]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    prev.hash(&mut h);
+    tokens.hash(&mut h);
+    h.finish()
 }
 
 /// The cache memory itself; only the engine step (holding the work lock) touches it.
@@ -102,10 +174,14 @@ impl KvArena {
     }
 }
 
-/// A sequence's blocks; dropping it returns them to the pool.
+/// A sequence's blocks and tokens; dropping it returns the blocks to the pool.
 #[derive(Debug)]
 pub struct SeqBlocks {
     pub table: Vec<u32>,
+    /// Every token in the cache, in order (names the full blocks).
+    tokens: Vec<u32>,
+    /// Name of each full block registered or reused so far.
+    hashes: Vec<u64>,
     pool: Arc<BlockPool>,
 }
 
@@ -121,6 +197,8 @@ impl SeqBlocks {
     pub fn new(pool: &Arc<BlockPool>, max_len: usize) -> SeqBlocks {
         SeqBlocks {
             table: Vec::with_capacity(max_len.div_ceil(BLOCK)),
+            tokens: Vec::with_capacity(max_len),
+            hashes: Vec::with_capacity(max_len / BLOCK),
             pool: pool.clone(),
         }
     }
@@ -131,23 +209,71 @@ impl SeqBlocks {
         if need <= self.table.len() {
             return Ok(());
         }
-        let mut free = self.pool.free.lock().unwrap_or_else(|e| e.into_inner());
-        if free.len() < need - self.table.len() {
+        let mut st = self.pool.lock();
+        if st.free.len() + st.idle.len() < need - self.table.len() {
             return Err(CacheFull {
                 total: self.pool.total,
             });
         }
         while self.table.len() < need {
-            self.table.push(free.pop().expect("counted above"));
+            let b = st.take().expect("counted above");
+            self.table.push(b);
         }
         Ok(())
+    }
+
+    /// Record tokens just written to the cache and name the blocks they fill.
+    pub fn written(&mut self, tokens: &[u32]) {
+        self.tokens.extend_from_slice(tokens);
+        let full = self.tokens.len() / BLOCK;
+        if full <= self.hashes.len() {
+            return;
+        }
+        let mut st = self.pool.lock();
+        while self.hashes.len() < full {
+            let i = self.hashes.len();
+            let prev = i.checked_sub(1).map_or(0, |p| self.hashes[p]);
+            let h = chain_hash(prev, &self.tokens[i * BLOCK..(i + 1) * BLOCK]);
+            let b = self.table[i];
+            if !st.by_hash.contains_key(&h) && st.hash_of[b as usize].is_none() {
+                st.by_hash.insert(h, b);
+                st.hash_of[b as usize] = Some(h);
+            }
+            self.hashes.push(h);
+        }
+    }
+
+    /// On an empty sequence: take the cached blocks that hold a prefix of
+    /// `prompt`, leaving at least one token to compute. Returns the number of
+    /// positions now in the cache.
+    pub fn reuse_prefix(&mut self, prompt: &[u32]) -> usize {
+        assert!(self.table.is_empty(), "prefix reuse on a started sequence");
+        let mut st = self.pool.lock();
+        let mut prev = 0;
+        while (self.table.len() + 1) * BLOCK < prompt.len() {
+            let i = self.table.len();
+            let h = chain_hash(prev, &prompt[i * BLOCK..(i + 1) * BLOCK]);
+            let Some(&b) = st.by_hash.get(&h) else { break };
+            if st.refs[b as usize] == 0 {
+                st.idle.retain(|&x| x != b);
+            }
+            st.refs[b as usize] += 1;
+            self.table.push(b);
+            self.hashes.push(h);
+            prev = h;
+        }
+        let n = self.table.len() * BLOCK;
+        self.tokens.extend_from_slice(&prompt[..n]);
+        n
     }
 }
 
 impl Drop for SeqBlocks {
     fn drop(&mut self) {
-        let mut free = self.pool.free.lock().unwrap_or_else(|e| e.into_inner());
-        free.extend(self.table.drain(..));
+        let mut st = self.pool.lock();
+        for b in self.table.drain(..) {
+            st.release(b);
+        }
     }
 }
 
@@ -185,5 +311,45 @@ mod tests {
         assert_eq!(pool.free_blocks(), 2);
         drop(b);
         assert_eq!(pool.free_blocks(), 3);
+    }
+
+    #[test]
+    fn full_blocks_are_shared_by_prefix_and_evicted_last() {
+        let shape = KvShape {
+            layers: 1,
+            kv_heads: 1,
+            head_dim: 2,
+        };
+        let (_arena, pool) = KvArena::new(shape, 4);
+        let prompt: Vec<u32> = (0..40).collect();
+        let mut a = SeqBlocks::new(&pool, 64);
+        a.reserve(40).unwrap();
+        a.written(&prompt[..20]);
+        a.written(&prompt[20..]);
+        // Two full blocks named; a prompt sharing 35 tokens reuses both.
+        let mut b = SeqBlocks::new(&pool, 64);
+        let mut other = prompt[..35].to_vec();
+        other.push(99);
+        assert_eq!(b.reuse_prefix(&other), 32);
+        assert_eq!(&b.table[..], &a.table[..2]);
+        // A prompt of exactly one block keeps its last token to compute.
+        let mut c = SeqBlocks::new(&pool, 64);
+        assert_eq!(c.reuse_prefix(&prompt[..16]), 0);
+        // A different first block shares nothing.
+        let mut d = SeqBlocks::new(&pool, 64);
+        let mut changed = prompt.clone();
+        changed[3] = 1000;
+        assert_eq!(d.reuse_prefix(&changed), 0);
+        drop((a, b, c, d));
+        assert_eq!(pool.free_blocks(), 4);
+        // Cached blocks survive their sequences until their memory is needed.
+        let mut e = SeqBlocks::new(&pool, 64);
+        assert_eq!(e.reuse_prefix(&prompt), 32);
+        drop(e);
+        let mut f = SeqBlocks::new(&pool, 64);
+        f.reserve(64).unwrap(); // takes the free blocks, then evicts the cached ones
+        drop(f);
+        let mut g = SeqBlocks::new(&pool, 64);
+        assert_eq!(g.reuse_prefix(&prompt), 0, "evicted");
     }
 }

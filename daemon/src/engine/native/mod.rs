@@ -311,8 +311,20 @@ impl Backend for NativeBackend {
             out,
         }];
         self.run(&mut jobs);
+        native(state)?.blocks.written(tokens);
         state.len += tokens.len();
         Ok(())
+    }
+
+    /// Full KV blocks are shared between sequences with the same prefix.
+    fn reuse_prefix(&self, state: &mut SeqState, prompt: &[u32]) -> usize {
+        if state.len != 0 {
+            return 0;
+        }
+        let Ok(st) = native(state) else { return 0 };
+        let n = st.blocks.reuse_prefix(prompt);
+        state.len = n;
+        n
     }
 
     /// The whole batch goes through each layer together: one GEMM per
@@ -346,6 +358,9 @@ impl Backend for NativeBackend {
         drop(rest);
         for it in items.iter_mut() {
             if it.result.is_ok() {
+                if let Ok(st) = native(it.state) {
+                    st.blocks.written(it.tokens);
+                }
                 it.state.len += it.tokens.len();
             }
         }
