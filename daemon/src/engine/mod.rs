@@ -292,7 +292,7 @@ fn choose_backend(
                 kv_cache_mib = n.kv_bytes() as f64 / (1 << 20) as f64,
                 int8_file = n.from_int8(),
                 max_logit_diff = diff,
-                pack_ms = t0.elapsed().as_millis() as u64,
+                pack_and_probe_ms = t0.elapsed().as_millis() as u64,
                 "native engine"
             );
             Ok(Box::new(n))

@@ -4,7 +4,7 @@
 use ember_kernels::gemv::Parallel;
 use ember_kernels::Kernels;
 
-use super::graph::{attr_s, Graph, Linear, Unrecognized};
+use super::graph::{attr, Graph, Linear, Unrecognized};
 use super::kv::{KvArena, KvShape};
 use super::ops::{attend, run_linear, Embedding, Heads, Norm, QRows, MAX_ROWS};
 use super::{Job, Row};
@@ -111,8 +111,8 @@ impl Gpt2 {
                 })
                 .ok_or_else(|| format!("no embedding lookup of '{input}'"))
         };
-        let (wte, _) = Embedding::from_gather(g, gather_of(&io.input_ids)?)?;
-        let (wpe, _) = Embedding::from_gather(g, gather_of(pos_ids)?)?;
+        let wte = Embedding::from_gather(g, gather_of(&io.input_ids)?)?;
+        let wpe = Embedding::from_gather(g, gather_of(pos_ids)?)?;
         let lns: Vec<_> = g
             .nodes()
             .iter()
@@ -131,7 +131,7 @@ impl Gpt2 {
                 linears.len()
             ));
         }
-        let gelu_tanh = match attr_s(gelus[0], "approximate") {
+        let gelu_tanh = match attr::<&[u8]>(gelus[0], "approximate") {
             None | Some(b"none") => false,
             Some(b"tanh") => true,
             Some(other) => {
@@ -143,7 +143,7 @@ impl Gpt2 {
         };
         if gelus
             .iter()
-            .any(|n| attr_s(n, "approximate") != attr_s(gelus[0], "approximate"))
+            .any(|n| attr::<&[u8]>(n, "approximate") != attr::<&[u8]>(gelus[0], "approximate"))
         {
             return Err("Gelu approximations differ between layers".into());
         }

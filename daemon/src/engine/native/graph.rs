@@ -19,6 +19,7 @@ use std::path::Path;
 
 use ember_kernels::gemv::PackedI8;
 use tract_onnx::pb;
+use tract_onnx::pb_helpers::AttrScalarType;
 use tract_onnx::prelude::*;
 
 /// Why a graph is not one the native engine runs (it then stays on tract).
@@ -174,22 +175,10 @@ fn slice<T: Datum + Copy>(t: &Tensor) -> Result<Vec<T>, Unrecognized> {
         .collect())
 }
 
-/// An integer attribute.
-pub fn attr_i(n: &pb::NodeProto, name: &str) -> Option<i64> {
-    n.attribute.iter().find(|a| a.name == name).map(|a| a.i)
-}
-
-/// A float attribute.
-pub fn attr_f(n: &pb::NodeProto, name: &str) -> Option<f32> {
-    n.attribute.iter().find(|a| a.name == name).map(|a| a.f)
-}
-
-/// A string attribute.
-pub fn attr_s<'n>(n: &'n pb::NodeProto, name: &str) -> Option<&'n [u8]> {
-    n.attribute
-        .iter()
-        .find(|a| a.name == name)
-        .map(|a| a.s.as_slice())
+/// An attribute of type `T`, through tract's typed reader (a missing or
+/// mistyped attribute gives `None`, and the caller's default applies).
+pub fn attr<'a, T: AttrScalarType<'a>>(n: &'a pb::NodeProto, name: &str) -> Option<T> {
+    n.get_attr_opt(name).ok().flatten()
 }
 
 const STATIC_ATTENTION: &str =
@@ -366,10 +355,10 @@ impl Graph<'_> {
         }
         let w_name = &n.input[1];
         if n.op_type == "Gemm" {
-            let trans_b = attr_i(n, "transB").unwrap_or(0);
-            let plain = attr_i(n, "transA").unwrap_or(0) == 0
-                && attr_f(n, "alpha").unwrap_or(1.0) == 1.0
-                && attr_f(n, "beta").unwrap_or(1.0) == 1.0;
+            let trans_b = attr::<i64>(n, "transB").unwrap_or(0);
+            let plain = attr::<i64>(n, "transA").unwrap_or(0) == 0
+                && attr::<f32>(n, "alpha").unwrap_or(1.0) == 1.0
+                && attr::<f32>(n, "beta").unwrap_or(1.0) == 1.0;
             if !plain || trans_b != 0 || n.input.len() > 2 {
                 return Err(bad(
                     "only a plain Gemm (no transposes, bias as Add) is supported",
@@ -380,7 +369,7 @@ impl Graph<'_> {
             .producer(w_name)
             .filter(|p| p.op_type == "DequantizeLinear" && self.is_const(&p.input[0]))
         {
-            if let Some(axis) = attr_i(dq, "axis") {
+            if let Some(axis) = attr::<i64>(dq, "axis") {
                 if axis != 1 && axis != -1 && self.f32s(&dq.input[1])?.len() > 1 {
                     return Err(bad("weights quantized per input row"));
                 }

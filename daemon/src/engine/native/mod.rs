@@ -173,12 +173,7 @@ impl NativeBackend {
                 .zip(&lb)
                 .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
             worst = worst.max(diff / scale);
-            let argmax = |v: &[f32]| {
-                v.iter()
-                    .enumerate()
-                    .fold((0, f32::MIN), |b, (i, &x)| if x > b.1 { (i, x) } else { b })
-                    .0
-            };
+            let argmax = crate::sample::argmax;
             if argmax(&la[la.len() - vocab..]) != argmax(&lb[lb.len() - vocab..]) {
                 return Err("the most likely next token differs from tract's".into());
             }

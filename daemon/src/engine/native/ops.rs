@@ -39,19 +39,14 @@ pub enum Embedding {
 
 impl Embedding {
     /// The table read by `Gather(table, indices)`, through a following
-    /// `DequantizeLinear` when the table is quantized. Returns the embedding
-    /// and the float tensor it produces.
-    pub fn from_gather(
-        g: &Graph,
-        gather: &pb::NodeProto,
-    ) -> Result<(Embedding, String), Unrecognized> {
+    /// `DequantizeLinear` when the table is quantized.
+    pub fn from_gather(g: &Graph, gather: &pb::NodeProto) -> Result<Embedding, Unrecognized> {
         let (shape, vals) = g.konst(&gather.input[0])?;
-        let [rows, cols] = shape[..] else {
+        let [_, cols] = shape[..] else {
             return Err(format!("embedding '{}' is not a matrix", gather.input[0]));
         };
         let dq = || {
-            g.sole_consumer(&gather.output[0])
-                .filter(|n| n.op_type == "DequantizeLinear")
+            g.consumer_op(&gather.output[0], "DequantizeLinear")
                 .ok_or_else(|| {
                     format!(
                         "quantized embedding '{}' without DequantizeLinear",
@@ -59,10 +54,8 @@ impl Embedding {
                     )
                 })
         };
-        let e = match vals {
-            Values::F32(data) => {
-                return Ok((Embedding::F32 { data, cols }, gather.output[0].clone()))
-            }
+        Ok(match vals {
+            Values::F32(data) => Embedding::F32 { data, cols },
             Values::U8(data) => {
                 let dq = dq()?;
                 let zp = match dq.input.get(2).filter(|z| !z.is_empty()) {
@@ -72,15 +65,12 @@ impl Embedding {
                     },
                     None => 0,
                 };
-                (
-                    Embedding::U8 {
-                        data,
-                        cols,
-                        scale: g.scalar(&dq.input[1])?,
-                        zero_point: zp,
-                    },
-                    dq.output[0].clone(),
-                )
+                Embedding::U8 {
+                    data,
+                    cols,
+                    scale: g.scalar(&dq.input[1])?,
+                    zero_point: zp,
+                }
             }
             Values::I8(data) => {
                 let dq = dq()?;
@@ -90,18 +80,13 @@ impl Embedding {
                         _ => return Err("embedding zero point is not 0".into()),
                     }
                 }
-                (
-                    Embedding::I8 {
-                        data,
-                        cols,
-                        scale: g.scalar(&dq.input[1])?,
-                    },
-                    dq.output[0].clone(),
-                )
+                Embedding::I8 {
+                    data,
+                    cols,
+                    scale: g.scalar(&dq.input[1])?,
+                }
             }
-        };
-        debug_assert!(rows > 0);
-        Ok(e)
+        })
     }
 
     pub fn rows(&self) -> usize {
@@ -261,7 +246,7 @@ pub struct Norm {
 impl Norm {
     /// `LayerNormalization(x, gamma, beta)` over the last axis.
     pub fn layer_norm(g: &Graph, n: &pb::NodeProto) -> Result<Norm, Unrecognized> {
-        if super::graph::attr_i(n, "axis").unwrap_or(-1) != -1 {
+        if super::graph::attr::<i64>(n, "axis").unwrap_or(-1) != -1 {
             return Err(format!(
                 "LayerNormalization '{}' not over the last axis",
                 n.name
@@ -281,7 +266,7 @@ impl Norm {
         Ok(Norm {
             gamma,
             beta,
-            eps: super::graph::attr_f(n, "epsilon").unwrap_or(1e-5),
+            eps: super::graph::attr::<f32>(n, "epsilon").unwrap_or(1e-5),
         })
     }
 
