@@ -1,4 +1,6 @@
-//! Packed int8 GEMV / small-batch GEMM on the shapes of real models, per ISA.
+//! Packed int8 GEMV / small-batch GEMM on the shapes of real models, per ISA,
+//! each in the layout its table packs (plus the row layout on tables that
+//! prefer blocks, named `ISA-rows`, to show what the blocks gain).
 //! `cargo bench -p ember-kernels --bench gemv`; throughput counts weight bytes
 //! streamed (read once per call whatever the batch); multiply by
 //! 2 · batch for int8 operations per second.
@@ -11,10 +13,10 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use ember_kernels::gemv::{gemm, PackedI8, QVec};
 use ember_kernels::quant::dynamic_quantize_u8;
-use ember_kernels::Kernels;
+use ember_kernels::{Kernels, Layout};
 
 /// Deterministic pseudo-random i8 weights with per-row scales.
-fn matrix(rows: usize, cols: usize) -> PackedI8 {
+fn matrix(layout: Layout, rows: usize, cols: usize) -> PackedI8 {
     let mut s = 0x9E37_79B9_7F4A_7C15u64;
     let q: Vec<i8> = (0..rows * cols)
         .map(|_| {
@@ -25,7 +27,19 @@ fn matrix(rows: usize, cols: usize) -> PackedI8 {
         })
         .collect();
     let scales: Vec<f32> = (0..rows).map(|r| 0.01 + (r % 7) as f32 * 1e-3).collect();
-    PackedI8::from_quantized(&q, rows, cols, &scales)
+    PackedI8::with_layout(layout, &q, rows, cols, &scales)
+}
+
+/// Every table with each layout worth measuring on it, and a name.
+fn variants() -> Vec<(String, Kernels, Layout)> {
+    let mut v = Vec::new();
+    for k in Kernels::all_available() {
+        v.push((k.isa.name().to_string(), k, k.layout));
+        if k.layout != Layout::Rows {
+            v.push((format!("{}-rows", k.isa.name()), k, Layout::Rows));
+        }
+    }
+    v
 }
 
 fn activations(cols: usize, batch: usize) -> Vec<(Vec<u8>, f32, u8)> {
@@ -63,14 +77,14 @@ fn shapes(c: &mut Criterion) {
     ];
     let mut g = c.benchmark_group("gemm_u8i8");
     for (cols, rows) in shapes {
-        let pw = matrix(rows, cols);
-        g.throughput(Throughput::Bytes(pw.weight_bytes() as u64));
-        for batch in [1usize, 4, 8] {
-            let acts = activations(cols, batch);
-            let xs = qvecs(&acts);
-            let mut out = vec![0f32; batch * rows];
-            for k in Kernels::all_available() {
-                let id = BenchmarkId::new(format!("{}/{cols}x{rows}", k.isa.name()), batch);
+        g.throughput(Throughput::Bytes((rows * cols) as u64));
+        for (name, k, layout) in variants() {
+            let pw = matrix(layout, rows, cols);
+            for batch in [1usize, 4, 8, 64] {
+                let acts = activations(cols, batch);
+                let xs = qvecs(&acts);
+                let mut out = vec![0f32; batch * rows];
+                let id = BenchmarkId::new(format!("{name}/{cols}x{rows}"), batch);
                 g.bench_function(id, |b| {
                     b.iter(|| gemm(&k, &pw, std::hint::black_box(&xs), None, &mut out))
                 });
@@ -80,19 +94,19 @@ fn shapes(c: &mut Criterion) {
     g.finish();
 }
 
-/// The micro-kernel alone on L1-resident operands (4 rows × 4 activations ×
-/// 4096 columns, 32 KiB): the most int8 multiply-adds per second it reaches,
+/// The micro-kernels alone on L1-resident operands (64 rows × 4 activations ×
+/// 256 columns, 16 KiB): the most int8 multiply-adds per second they reach,
 /// reported as elements = MACs.
 fn peak(c: &mut Criterion) {
-    let cols = 4096;
-    let pw = matrix(4, cols);
+    let (rows, cols) = (64, 256);
     let acts = activations(cols, 4);
     let xs = qvecs(&acts);
     let mut g = c.benchmark_group("tile_peak");
-    g.throughput(Throughput::Elements((4 * 4 * cols) as u64));
-    for k in Kernels::all_available() {
-        let mut out = vec![0f32; 4 * 4];
-        g.bench_function(k.isa.name(), |b| {
+    g.throughput(Throughput::Elements((rows * 4 * cols) as u64));
+    for (name, k, layout) in variants() {
+        let pw = matrix(layout, rows, cols);
+        let mut out = vec![0f32; 4 * rows];
+        g.bench_function(name, |b| {
             b.iter(|| gemm(&k, &pw, std::hint::black_box(&xs), None, &mut out))
         });
     }
@@ -101,8 +115,8 @@ fn peak(c: &mut Criterion) {
 
 fn dram(c: &mut Criterion) {
     let (rows, cols) = (65536usize, 8192usize);
-    let pw = matrix(rows, cols);
     let k = *ember_kernels::kernels();
+    let pw = matrix(k.layout, rows, cols);
     let mut g = c.benchmark_group("gemv_dram");
     g.sample_size(10);
     g.throughput(Throughput::Bytes(pw.weight_bytes() as u64));

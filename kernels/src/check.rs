@@ -7,7 +7,7 @@
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 
-use crate::dispatch::{Rows4, TILE_ACTS, TILE_ROWS};
+use crate::dispatch::{Block64, Rows4, BLOCK_GROUP, BLOCK_ROWS, TILE_ACTS, TILE_ROWS};
 use crate::generic;
 
 fn u8s(n: usize) -> impl Strategy<Value = Vec<u8>> {
@@ -134,6 +134,44 @@ pub(crate) fn tile_u8i8(f: Tile) {
             let xs: Vec<&[u8]> = b.xs.iter().map(|x| &x[..]).collect();
             let want = 255 * w as i32 * n as i32;
             assert_eq!(f(&xs, b.rows4()), [[want; TILE_ROWS]; TILE_ACTS], "n {n}");
+        }
+    }
+}
+
+type BlockKernel = fn(&[&[u8]], Block64) -> [[i32; BLOCK_ROWS]; TILE_ACTS];
+
+/// Interleaved blocks: random weights everywhere, so the columns past `n` in
+/// the last group and any slack after it hold garbage a kernel must not count.
+pub(crate) fn block_u8i8(f: BlockKernel) {
+    let case = (0usize..300, 1..=TILE_ACTS, 0usize..300).prop_flat_map(|(n, acts, slack)| {
+        (
+            proptest::collection::vec(u8s(n), acts),
+            i8s(n.div_ceil(4) * BLOCK_GROUP + slack),
+        )
+    });
+    run(case, |(xs, data)| {
+        let xs: Vec<&[u8]> = xs.iter().map(|x| &x[..]).collect();
+        let w = Block64 { data: &data };
+        prop_assert_eq!(
+            f(&xs, w),
+            generic::block_u8i8(&xs, w),
+            "n {} acts {}",
+            xs[0].len(),
+            xs.len()
+        );
+        Ok(())
+    });
+    for n in WORST_LENS {
+        for w in [i8::MIN, i8::MAX] {
+            let xs = vec![vec![255u8; n]; TILE_ACTS];
+            let xs: Vec<&[u8]> = xs.iter().map(|x| &x[..]).collect();
+            let data = vec![w; n.div_ceil(4) * BLOCK_GROUP];
+            let want = 255 * w as i32 * n as i32;
+            assert_eq!(
+                f(&xs, Block64 { data: &data }),
+                [[want; BLOCK_ROWS]; TILE_ACTS],
+                "n {n}"
+            );
         }
     }
 }

@@ -99,6 +99,41 @@ pub struct Rows4<'a> {
 /// lanes for absent activations are zero.
 pub type TileFn = fn(&[&[u8]], Rows4) -> [[i32; TILE_ROWS]; TILE_ACTS];
 
+/// Rows of a weight block in the interleaved layout ([`Layout::Blocks`]).
+pub const BLOCK_ROWS: usize = 64;
+/// Bytes of one column group of a block: 4 columns of [`BLOCK_ROWS`] rows.
+pub const BLOCK_GROUP: usize = 4 * BLOCK_ROWS;
+
+/// How a packed weight matrix lies in memory; each table says which one its
+/// kernels read fastest, and the packer follows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// Output rows one after another, padded to 64 bytes: for kernels that
+    /// multiply a row by an activation vector and sum horizontally
+    /// ([`Kernels::tile_u8i8`]).
+    Rows,
+    /// Blocks of [`BLOCK_ROWS`] rows, interleaved by groups of 4 columns:
+    /// byte `g · 256 + r · 4 + j` of a block is row `r`, column `4g + j`. One
+    /// 64-byte load holds 4 columns of 16 rows, so a `vpdpbusd` against four
+    /// broadcast activation bytes advances 16 rows at once, with no horizontal
+    /// sums ([`Kernels::block_u8i8`]).
+    Blocks,
+}
+
+/// One block of the [`Layout::Blocks`] layout, as a micro-kernel reads it.
+#[derive(Debug, Clone, Copy)]
+pub struct Block64<'a> {
+    /// The block's groups, [`BLOCK_GROUP`] bytes each; at least
+    /// `n.div_ceil(4)` of them, `n` being the activations' length. Columns
+    /// past `n` are ignored whatever they hold.
+    pub data: &'a [i8],
+}
+
+/// The block micro-kernel: exact `Σ x[c] · w[r][c]` for up to four u8
+/// activation vectors (`xs`, equal lengths) against the 64 rows of a block.
+/// Result `[a][r]`; lanes for absent activations are zero.
+pub type BlockFn = fn(&[&[u8]], Block64) -> [[i32; BLOCK_ROWS]; TILE_ACTS];
+
 /// Function pointers to the best kernels for this CPU.
 #[derive(Debug, Clone, Copy)]
 pub struct Kernels {
@@ -108,8 +143,12 @@ pub struct Kernels {
     pub dot_u8i8: fn(&[u8], &[i8]) -> i32,
     /// `Σ a[i]·b[i]` over i8 (symmetrically quantized) operands, exact in i32.
     pub dot_i8i8: fn(&[i8], &[i8]) -> i32,
-    /// The GEMV/GEMM micro-kernel, see [`TileFn`].
+    /// The layout [`crate::gemv::PackedI8`] packs weights in for this table.
+    pub layout: Layout,
+    /// The GEMV/GEMM micro-kernel on [`Layout::Rows`], see [`TileFn`].
     pub tile_u8i8: TileFn,
+    /// The GEMV/GEMM micro-kernel on [`Layout::Blocks`], see [`BlockFn`].
+    pub block_u8i8: BlockFn,
     /// Attention scores over a block of keys, see [`generic::qk_f32`].
     pub qk_f32: fn(&[f32], &[f32], f32, &mut [f32]),
     /// Attention's weighted sum of a block of values, see [`generic::pv_f32`].
@@ -123,7 +162,9 @@ impl Kernels {
             isa: Isa::Generic,
             dot_u8i8: generic::dot_u8i8,
             dot_i8i8: generic::dot_i8i8,
+            layout: Layout::Rows,
             tile_u8i8: generic::tile_u8i8,
+            block_u8i8: generic::block_u8i8,
             qk_f32: generic::qk_f32,
             pv_f32: generic::pv_f32,
         }

@@ -1,58 +1,95 @@
 //! Int8 matrix × vector (and small batches of vectors) with the quantization
 //! correction fused, producing f32.
 //!
-//! Weights are packed once at load: per-row symmetric i8 with its scale, rows
-//! padded to 64 bytes (one cache line, one AVX-512 register), three zero rows
-//! appended so a 4-row tile may start at any row, and each row's sum
+//! Weights are packed once at load: per-row symmetric i8 with its scale, in
+//! the [`Layout`] the kernel table reads fastest, and each row's sum
 //! precomputed so the activation zero point costs one multiply per row:
 //!
 //! `out[r] = x_scale · w_scale[r] · (Σ x[c]·w[r][c] − x_zp · Σ w[r][c]) + bias[r]`
 //!
-//! The integer part goes through the dispatched micro-kernel
-//! ([`Kernels::tile_u8i8`]: 4 rows × up to 4 activation vectors, exact on every
-//! ISA), so each weight row is read from memory once per call whatever the
-//! batch; the correction is the same scalar code everywhere, so every ISA
-//! gives bit-identical results. The crate has no thread pool: output rows are
-//! split over the caller's threads, either by hand ([`gemm_rows`]) or through
-//! the [`Parallel`] hook ([`gemm_par`]).
+//! The integer part goes through a dispatched micro-kernel, exact on every
+//! ISA: [`Kernels::tile_u8i8`] (4 rows × up to 4 activation vectors, on rows
+//! padded to 64 bytes) or [`Kernels::block_u8i8`] (64 rows × up to 4
+//! activations, on column-interleaved blocks). Each weight row is read from
+//! memory once per call whatever the batch; the correction is the same scalar
+//! code everywhere, so every ISA and both layouts give bit-identical results.
+//! The crate has no thread pool: output rows are split over the caller's
+//! threads, either by hand ([`gemm_rows`]) or through the [`Parallel`] hook
+//! ([`gemm_par`]).
 
 use std::ops::Range;
 
-use crate::dispatch::{Kernels, Rows4, TILE_ACTS, TILE_ROWS};
+use crate::dispatch::{
+    Block64, Kernels, Layout, Rows4, BLOCK_GROUP, BLOCK_ROWS, TILE_ACTS, TILE_ROWS,
+};
 
 const ROW_ALIGN: usize = 64;
 
 /// A weight matrix (`rows × cols`, output-major) packed for the kernels.
 #[derive(Debug, Clone)]
 pub struct PackedI8 {
+    layout: Layout,
     rows: usize,
     cols: usize,
+    /// [`Layout::Rows`]: bytes per row; [`Layout::Blocks`]: bytes per block.
     stride: usize,
     data: Vec<i8>,
+    /// Padded like the rows: reads of a whole tile or block stay in bounds.
     row_sums: Vec<i32>,
     scales: Vec<f32>,
 }
 
 impl PackedI8 {
-    /// Pack already-quantized rows (`q` is `rows × cols`, row-major) with their scales.
+    /// Pack already-quantized rows (`q` is `rows × cols`, row-major) with
+    /// their scales, in the layout of the process-wide kernel table.
     pub fn from_quantized(q: &[i8], rows: usize, cols: usize, scales: &[f32]) -> PackedI8 {
+        PackedI8::with_layout(crate::kernels().layout, q, rows, cols, scales)
+    }
+
+    /// [`PackedI8::from_quantized`] in a given layout (any table computes on
+    /// either; the one it prefers is [`Kernels::layout`]).
+    pub fn with_layout(
+        layout: Layout,
+        q: &[i8],
+        rows: usize,
+        cols: usize,
+        scales: &[f32],
+    ) -> PackedI8 {
         assert!(
             cols > 0 && cols <= crate::generic::MAX_DOT_LEN,
             "row length {cols} out of range"
         );
         assert_eq!(q.len(), rows * cols, "weights are not {rows}×{cols}");
         assert_eq!(scales.len(), rows, "one scale per row");
-        let stride = cols.div_ceil(ROW_ALIGN) * ROW_ALIGN;
-        let padded = rows + TILE_ROWS - 1;
-        let mut data = vec![0i8; padded * stride];
+        let (stride, padded) = match layout {
+            Layout::Rows => (cols.div_ceil(ROW_ALIGN) * ROW_ALIGN, rows + TILE_ROWS - 1),
+            Layout::Blocks => (
+                cols.div_ceil(4) * BLOCK_GROUP,
+                rows.div_ceil(BLOCK_ROWS) * BLOCK_ROWS,
+            ),
+        };
+        let mut data = match layout {
+            Layout::Rows => vec![0i8; padded * stride],
+            Layout::Blocks => vec![0i8; padded / BLOCK_ROWS * stride],
+        };
         let mut row_sums = vec![0i32; padded];
         let mut padded_scales = vec![0f32; padded];
         padded_scales[..rows].copy_from_slice(scales);
         for (r, row) in q.chunks(cols).enumerate() {
-            data[r * stride..r * stride + cols].copy_from_slice(row);
             row_sums[r] = row.iter().map(|&v| v as i32).sum();
+            match layout {
+                Layout::Rows => data[r * stride..r * stride + cols].copy_from_slice(row),
+                Layout::Blocks => {
+                    let block = &mut data[r / BLOCK_ROWS * stride..];
+                    let lane = (r % BLOCK_ROWS) * 4;
+                    for (c, &v) in row.iter().enumerate() {
+                        block[(c / 4) * BLOCK_GROUP + lane + c % 4] = v;
+                    }
+                }
+            }
         }
         PackedI8 {
+            layout,
             rows,
             cols,
             stride,
@@ -64,10 +101,20 @@ impl PackedI8 {
 
     /// Quantize f32 weights per row (symmetric) and pack them.
     pub fn quantize(w: &[f32], rows: usize, cols: usize) -> PackedI8 {
+        PackedI8::quantize_as(crate::kernels().layout, w, rows, cols)
+    }
+
+    /// [`PackedI8::quantize`] in a given layout.
+    pub fn quantize_as(layout: Layout, w: &[f32], rows: usize, cols: usize) -> PackedI8 {
         let mut q = vec![0i8; w.len()];
         let mut scales = vec![0f32; rows];
         crate::quant::quantize_rows_i8(w, cols, &mut q, &mut scales);
-        PackedI8::from_quantized(&q, rows, cols, &scales)
+        PackedI8::with_layout(layout, &q, rows, cols, &scales)
+    }
+
+    /// The layout the weights are packed in.
+    pub fn layout(&self) -> Layout {
+        self.layout
     }
 
     /// Output rows.
@@ -90,7 +137,15 @@ impl PackedI8 {
         self.data.len() + 4 * self.row_sums.len() + 4 * self.scales.len()
     }
 
-    /// The 4-row block starting at row `r` (< `rows`).
+    /// Rows a kernel call computes (the unit of splitting work).
+    fn tile_rows(&self) -> usize {
+        match self.layout {
+            Layout::Rows => TILE_ROWS,
+            Layout::Blocks => BLOCK_ROWS,
+        }
+    }
+
+    /// The 4-row block starting at row `r` (< `rows`), [`Layout::Rows`].
     fn rows4(&self, r: usize) -> Rows4<'_> {
         let mut sums = [0; TILE_ROWS];
         sums.copy_from_slice(&self.row_sums[r..r + TILE_ROWS]);
@@ -98,6 +153,14 @@ impl PackedI8 {
             data: &self.data[r * self.stride..],
             stride: self.stride,
             sums,
+        }
+    }
+
+    /// The block holding row `r`, [`Layout::Blocks`].
+    fn block64(&self, r: usize) -> Block64<'_> {
+        let at = r / BLOCK_ROWS * self.stride;
+        Block64 {
+            data: &self.data[at..at + self.stride],
         }
     }
 }
@@ -128,7 +191,7 @@ fn check_operands(w: &PackedI8, xs: &[QVec], bias: Option<&[f32]>) {
 }
 
 /// The shared core: every (activation, row) result of `rows`, handed to `put`
-/// as `(activation, first row, values of up to four consecutive rows)`.
+/// as `(activation, first row, values of consecutive rows)`.
 fn compute(
     k: &Kernels,
     w: &PackedI8,
@@ -137,34 +200,68 @@ fn compute(
     rows: Range<usize>,
     mut put: impl FnMut(usize, usize, &[f32]),
 ) {
+    let tile = w.tile_rows();
     let mut start = rows.start;
     while start < rows.end {
-        let n_rows = (rows.end - start).min(TILE_ROWS);
-        let block = w.rows4(start);
-        let mut scales = [0f32; TILE_ROWS];
-        scales.copy_from_slice(&w.scales[start..start + TILE_ROWS]);
-        let mut b4 = [0f32; TILE_ROWS];
-        if let Some(b) = bias {
-            b4[..n_rows].copy_from_slice(&b[start..start + n_rows]);
-        }
+        // The tile (or block) holding `start`, clipped to the range.
+        let n_rows = (rows.end - start).min(tile - start % tile);
         for (g, group) in xs.chunks(TILE_ACTS).enumerate() {
             let mut qs: [&[u8]; TILE_ACTS] = [&[]; TILE_ACTS];
             for (q, x) in qs.iter_mut().zip(group) {
                 *q = x.q;
             }
-            let acc = (k.tile_u8i8)(&qs[..group.len()], block);
-            for (j, (x, acc_x)) in group.iter().zip(&acc).enumerate() {
-                // Four lanes at once (LLVM vectorizes the fixed-size loop).
-                let zp = x.zero_point as i32;
-                let mut v = [0f32; TILE_ROWS];
-                for t in 0..TILE_ROWS {
-                    let a = acc_x[t] - zp * block.sums[t];
-                    v[t] = a as f32 * (x.scale * scales[t]) + b4[t];
+            let qs = &qs[..group.len()];
+            match w.layout {
+                Layout::Rows => {
+                    let acc = (k.tile_u8i8)(qs, w.rows4(start));
+                    for (j, x) in group.iter().enumerate() {
+                        let mut v = [0f32; TILE_ROWS];
+                        let v = &mut v[..n_rows];
+                        correct(w, x, bias, start, &acc[j][..n_rows], v);
+                        put(g * TILE_ACTS + j, start, v);
+                    }
                 }
-                put(g * TILE_ACTS + j, start, &v[..n_rows]);
+                Layout::Blocks => {
+                    let acc = (k.block_u8i8)(qs, w.block64(start));
+                    let first = start % BLOCK_ROWS;
+                    for (j, x) in group.iter().enumerate() {
+                        let mut v = [0f32; BLOCK_ROWS];
+                        let v = &mut v[..n_rows];
+                        correct(w, x, bias, start, &acc[j][first..first + n_rows], v);
+                        put(g * TILE_ACTS + j, start, v);
+                    }
+                }
             }
         }
         start += n_rows;
+    }
+}
+
+/// The quantization correction of `acc` (rows from `first`) into `out`: the
+/// same scalar code for every ISA and layout, so results agree bit for bit
+/// (LLVM vectorizes it; there is no FMA contraction in Rust).
+#[inline]
+fn correct(
+    w: &PackedI8,
+    x: &QVec,
+    bias: Option<&[f32]>,
+    first: usize,
+    acc: &[i32],
+    out: &mut [f32],
+) {
+    let zp = x.zero_point as i32;
+    let n = out.len();
+    let sums = &w.row_sums[first..first + n];
+    let scales = &w.scales[first..first + n];
+    for t in 0..n {
+        let a = acc[t] - zp * sums[t];
+        out[t] = a as f32 * (x.scale * scales[t]);
+    }
+    if let Some(b) = bias {
+        let b = &b[first..first + n];
+        for t in 0..n {
+            out[t] += b[t];
+        }
     }
 }
 
@@ -278,9 +375,9 @@ pub fn gemm_par(
 ) {
     check_operands(w, xs, bias);
     assert_eq!(out.len(), xs.len() * w.rows, "output is not batch × rows");
-    let tiles = w.rows.div_ceil(TILE_ROWS);
+    let tiles = w.rows.div_ceil(w.tile_rows());
     let parts = pool.threads().clamp(1, tiles.max(1));
-    let per = tiles.div_ceil(parts) * TILE_ROWS;
+    let per = tiles.div_ceil(parts) * w.tile_rows();
     let shared = SharedOut(out.as_mut_ptr());
     let shared = &shared;
     let rows = w.rows;
@@ -309,8 +406,10 @@ mod tests {
         Kernels::all_available()
     }
 
+    const LAYOUTS: [Layout; 2] = [Layout::Rows, Layout::Blocks];
+
     fn case() -> impl Strategy<Value = (usize, usize, Vec<f32>, Vec<f32>, Vec<f32>)> {
-        (1usize..20, 1usize..200).prop_flat_map(|(rows, cols)| {
+        (1usize..140, 1usize..200).prop_flat_map(|(rows, cols)| {
             (
                 Just(rows),
                 Just(cols),
@@ -326,16 +425,19 @@ mod tests {
         /// dequantized product up to quantization error.
         #[test]
         fn gemv_is_isa_independent_and_close_to_float((rows, cols, w, x, bias) in case()) {
-            let pw = PackedI8::quantize(&w, rows, cols);
+            let pw = PackedI8::quantize_as(Layout::Rows, &w, rows, cols);
             let mut q = vec![0u8; cols];
             let (scale, zp) = dynamic_quantize_u8(&x, &mut q);
             let qx = QVec { q: &q, scale, zero_point: zp };
             let mut want = vec![0f32; rows];
             gemv(&Kernels::generic(), &pw, qx, Some(&bias), &mut want);
-            for k in isas() {
-                let mut got = vec![0f32; rows];
-                gemv(&k, &pw, qx, Some(&bias), &mut got);
-                prop_assert_eq!(&got, &want, "{}", k.isa.name());
+            for layout in LAYOUTS {
+                let pl = PackedI8::quantize_as(layout, &w, rows, cols);
+                for k in isas() {
+                    let mut got = vec![0f32; rows];
+                    gemv(&k, &pl, qx, Some(&bias), &mut got);
+                    prop_assert_eq!(&got, &want, "{} {:?}", k.isa.name(), layout);
+                }
             }
             for r in 0..rows {
                 let exact: f32 = (0..cols).map(|c| w[r * cols + c] * x[c]).sum::<f32>() + bias[r];
@@ -348,8 +450,9 @@ mod tests {
         /// equals one GEMV per activation vector, bit for bit, and so does the
         /// row split over threads.
         #[test]
-        fn gemm_equals_gemv_per_row((rows, cols, w, x, bias) in case(), batch in 1usize..17) {
-            let pw = PackedI8::quantize(&w, rows, cols);
+        fn gemm_equals_gemv_per_row((rows, cols, w, x, bias) in case(), batch in 1usize..17, blocks: bool) {
+            let layout = if blocks { Layout::Blocks } else { Layout::Rows };
+            let pw = PackedI8::quantize_as(layout, &w, rows, cols);
             let acts: Vec<(Vec<u8>, f32, u8)> = (0..batch).map(|i| {
                 let xi: Vec<f32> = x.iter().map(|v| v * (i as f32 + 1.0) - i as f32 * 0.1).collect();
                 let mut q = vec![0u8; cols];
@@ -381,7 +484,6 @@ mod tests {
         let x: Vec<f32> = (0..cols)
             .map(|i| ((i * 17 % 23) as f32 - 11.0) / 7.0)
             .collect();
-        let pw = PackedI8::quantize(&w, rows, cols);
         let mut q = vec![0u8; cols];
         let (scale, zero_point) = dynamic_quantize_u8(&x, &mut q);
         let qx = QVec {
@@ -390,15 +492,19 @@ mod tests {
             zero_point,
         };
         let k = crate::kernels();
-        let mut whole = vec![0f32; rows];
-        gemv(k, &pw, qx, None, &mut whole);
-        let mut split = vec![0f32; rows];
-        let (a, b) = split.split_at_mut(20);
-        std::thread::scope(|s| {
-            s.spawn(|| gemv_rows(k, &pw, qx, None, 0..20, a));
-            s.spawn(|| gemv_rows(k, &pw, qx, None, 20..rows, b));
-        });
-        assert_eq!(split, whole);
+        for layout in LAYOUTS {
+            let pw = PackedI8::quantize_as(layout, &w, rows, cols);
+            let mut whole = vec![0f32; rows];
+            gemv(k, &pw, qx, None, &mut whole);
+            let mut split = vec![0f32; rows];
+            // Both parts start and end inside a tile (and inside one block).
+            let (a, b) = split.split_at_mut(21);
+            std::thread::scope(|s| {
+                s.spawn(|| gemv_rows(k, &pw, qx, None, 0..21, a));
+                s.spawn(|| gemv_rows(k, &pw, qx, None, 21..rows, b));
+            });
+            assert_eq!(split, whole, "{layout:?}");
+        }
     }
 
     #[test]

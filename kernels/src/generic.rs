@@ -1,7 +1,7 @@
 //! Scalar reference implementations. Always compiled; every SIMD kernel is
 //! tested against these.
 
-use crate::dispatch::{Rows4, TILE_ACTS, TILE_ROWS};
+use crate::dispatch::{Block64, Rows4, BLOCK_GROUP, BLOCK_ROWS, TILE_ACTS, TILE_ROWS};
 
 /// Longest dot product whose i32 sum cannot overflow (255 · 128 · 2^16 < 2^31).
 pub const MAX_DOT_LEN: usize = 1 << 16;
@@ -20,16 +20,7 @@ pub fn check_dot<A, B>(a: &[A], b: &[B]) {
 /// 1–4 activation vectors of equal length `n` ≤ `min(stride, MAX_DOT_LEN)`,
 /// and four rows present (`3 · stride + n` bytes). Returns `n`.
 pub fn check_tile(xs: &[&[u8]], w: &Rows4) -> usize {
-    assert!(
-        (1..=TILE_ACTS).contains(&xs.len()),
-        "a tile takes 1 to {TILE_ACTS} activation vectors, got {}",
-        xs.len()
-    );
-    let n = xs[0].len();
-    assert!(
-        xs.iter().all(|x| x.len() == n),
-        "activation vectors of unequal lengths"
-    );
+    let n = check_acts(xs);
     assert!(
         n <= w.stride && n <= MAX_DOT_LEN,
         "activation length {n} exceeds the row stride {} or MAX_DOT_LEN",
@@ -61,6 +52,55 @@ pub fn tile_u8i8(xs: &[&[u8]], w: Rows4) -> [[i32; TILE_ROWS]; TILE_ACTS] {
     for (o, x) in out.iter_mut().zip(xs) {
         for (r, v) in o.iter_mut().enumerate() {
             *v = dot_u8i8(x, &w.data[r * w.stride..r * w.stride + n]);
+        }
+    }
+    out
+}
+
+/// Panics unless `xs` are 1–4 activation vectors of equal length; returns it.
+fn check_acts(xs: &[&[u8]]) -> usize {
+    assert!(
+        (1..=TILE_ACTS).contains(&xs.len()),
+        "a micro-kernel takes 1 to {TILE_ACTS} activation vectors, got {}",
+        xs.len()
+    );
+    let n = xs[0].len();
+    assert!(
+        xs.iter().all(|x| x.len() == n),
+        "activation vectors of unequal lengths"
+    );
+    n
+}
+
+/// Panics unless `xs` and `w` are operands of a [`BlockFn`](crate::BlockFn):
+/// 1–4 activation vectors of equal length `n` ≤ `MAX_DOT_LEN`, and the
+/// block's first `n.div_ceil(4)` groups present. Returns `n`.
+pub fn check_block(xs: &[&[u8]], w: &Block64) -> usize {
+    let n = check_acts(xs);
+    assert!(
+        n <= MAX_DOT_LEN,
+        "activation length {n} exceeds MAX_DOT_LEN"
+    );
+    assert!(
+        w.data.len() >= n.div_ceil(4) * BLOCK_GROUP,
+        "a block of {n} columns needs {} bytes of weights, got {}",
+        n.div_ceil(4) * BLOCK_GROUP,
+        w.data.len()
+    );
+    n
+}
+
+/// The reference block micro-kernel: each (activation, row) summed column by
+/// column from the interleaved layout.
+pub fn block_u8i8(xs: &[&[u8]], w: Block64) -> [[i32; BLOCK_ROWS]; TILE_ACTS] {
+    check_block(xs, &w);
+    let mut out = [[0; BLOCK_ROWS]; TILE_ACTS];
+    for (o, x) in out.iter_mut().zip(xs) {
+        for (c, &xc) in x.iter().enumerate() {
+            let group = &w.data[(c / 4) * BLOCK_GROUP..];
+            for (r, v) in o.iter_mut().enumerate() {
+                *v += xc as i32 * group[r * 4 + c % 4] as i32;
+            }
         }
     }
     out

@@ -16,9 +16,12 @@
 //!   [`Kernels::generic`] then each architecture's `plug`, according to the
 //!   CPU's features and the `EMBER_CPU` override.
 //!
-//! The matrix work ([`gemv`]) is built on one micro-kernel per ISA (4 weight
-//! rows × up to 4 activation vectors, exact in i32) so weights are streamed
-//! once per decode step whatever the batch; per-token float work ([`nn`],
+//! The matrix work ([`gemv`]) is built on micro-kernels exact in i32 that take
+//! up to 4 activation vectors per pass over the weights, so weights are
+//! streamed once per decode step whatever the batch: 4 rows at a time with
+//! horizontal sums on row-major weights (every ISA), or 64 rows at a time on
+//! column-interleaved blocks where `vpdpbusd` makes that layout faster
+//! (AVX-512 VNNI); per-token float work ([`nn`],
 //! softmax, [`topk`]) is scalar Rust shared by every ISA.
 
 pub mod gemv;
@@ -42,6 +45,7 @@ mod check;
 mod dispatch;
 
 pub use dispatch::{
-    cpu_override, kernels, CpuOverride, Isa, Kernels, Rows4, TileFn, TILE_ACTS, TILE_ROWS,
+    cpu_override, kernels, Block64, BlockFn, CpuOverride, Isa, Kernels, Layout, Rows4, TileFn,
+    BLOCK_GROUP, BLOCK_ROWS, TILE_ACTS, TILE_ROWS,
 };
 pub use generic::{argmax, log_softmax_inplace, log_sum_exp, softmax_inplace};

@@ -10,7 +10,7 @@
 ///           pub fn NAME = IMPL, isa = "what it needs", when = PREDICATE; }
 /// ```
 ///
-/// The kind (`dot_u8i8`, `dot_i8i8`, `tile_u8i8`, `qk_f32`, `pv_f32`) picks the signature, the
+/// The kind (`dot_u8i8`, `dot_i8i8`, `tile_u8i8`, `block_u8i8`, `qk_f32`, `pv_f32`) picks the signature, the
 /// precondition check from [`crate::generic`] and the property test from
 /// `crate::check`. The generated `NAME` asserts the preconditions and the CPU
 /// predicate (a caller that skipped detection gets a panic, never undefined
@@ -52,6 +52,21 @@ macro_rules! kernel {
             unsafe { $imp(xs, n, w) }
         }
         kernel!(@test $name, $pred, tile_u8i8);
+    };
+    (block_u8i8: $(#[$doc:meta])* pub fn $name:ident = $imp:path, isa = $isa:expr, when = $pred:expr;) => {
+        $(#[$doc])*
+        pub fn $name(
+            xs: &[&[u8]],
+            w: crate::dispatch::Block64,
+        ) -> [[i32; crate::dispatch::BLOCK_ROWS]; crate::dispatch::TILE_ACTS] {
+            let n = crate::generic::check_block(xs, &w);
+            assert!($pred, concat!(stringify!($name), " needs a CPU with ", $isa));
+            // SAFETY: the CPU features `$imp` needs were checked just above;
+            // `check_block` proved 1–4 activations of length `n` and
+            // `n.div_ceil(4)` groups of the block inside `w.data`, all `$imp` reads.
+            unsafe { $imp(xs, n, w) }
+        }
+        kernel!(@test $name, $pred, block_u8i8);
     };
     (qk_f32: $(#[$doc:meta])* pub fn $name:ident = $imp:path, isa = $isa:expr, when = $pred:expr;) => {
         $(#[$doc])*

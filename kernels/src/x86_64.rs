@@ -1,7 +1,7 @@
 //! x86_64 kernels: AVX2 and AVX-512 VNNI. The `#[target_feature]` functions
 //! are private; `plug` installs their safe wrappers after detection.
 
-use crate::dispatch::{Isa, Kernels};
+use crate::dispatch::{Isa, Kernels, Layout};
 
 fn has_avx2() -> bool {
     is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
@@ -28,6 +28,8 @@ pub(crate) fn plug(k: &mut Kernels, limit: Isa) {
         k.dot_u8i8 = dot_u8i8_avx512vnni;
         k.dot_i8i8 = dot_i8i8_avx512vnni;
         k.tile_u8i8 = tile_u8i8_avx512vnni;
+        k.block_u8i8 = block_u8i8_avx512vnni;
+        k.layout = Layout::Blocks;
         k.qk_f32 = qk_f32_avx512;
         k.pv_f32 = pv_f32_avx512;
     }
@@ -125,6 +127,14 @@ kernel! { tile_u8i8:
     /// loaded once per step feed up to 16 `vpdpbusd` accumulators (4 rows × 4
     /// activations); masked loads for the tail.
     pub fn tile_u8i8_avx512vnni = avx512vnni::tile_u8i8, isa = "AVX-512 F, BW and VNNI", when = has_avx512vnni();
+}
+
+kernel! { block_u8i8:
+    /// The block micro-kernel on AVX-512 VNNI: per group of 4 columns, four
+    /// 64-byte loads hold the 64 rows, and one `vpdpbusd` per (16 rows,
+    /// activation) against the activation's 4 bytes broadcast: 16 independent
+    /// accumulators at 4 activations, no horizontal sums.
+    pub fn block_u8i8_avx512vnni = avx512vnni::block_u8i8, isa = "AVX-512 F, BW and VNNI", when = has_avx512vnni();
 }
 
 mod avx2 {
@@ -274,7 +284,7 @@ mod avx2 {
 mod avx512vnni {
     use std::arch::x86_64::*;
 
-    use crate::dispatch::{Rows4, TILE_ACTS, TILE_ROWS};
+    use crate::dispatch::{Block64, Rows4, BLOCK_GROUP, BLOCK_ROWS, TILE_ACTS, TILE_ROWS};
 
     /// Mask of the low `k` < 64 bytes.
     fn tail_mask(k: usize) -> __mmask64 {
@@ -390,6 +400,90 @@ mod avx512vnni {
                 *h = _mm256_add_epi32(_mm512_castsi512_si256(*a), _mm512_extracti64x4_epi64(*a, 1));
             }
             *o = super::avx2::reduce4(&half);
+        }
+        out
+    }
+
+    /// # Safety
+    /// The CPU must support AVX-512 F, BW and VNNI; `xs` holds 1–4 vectors of
+    /// length `n`, and `w.data` holds `n.div_ceil(4)` groups.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn block_u8i8(
+        xs: &[&[u8]],
+        n: usize,
+        w: Block64,
+    ) -> [[i32; BLOCK_ROWS]; TILE_ACTS] {
+        let mut out = [[0; BLOCK_ROWS]; TILE_ACTS];
+        match xs.len() {
+            // SAFETY (all arms): preconditions forwarded, xs.len() == B.
+            1 => out[..1].copy_from_slice(&unsafe { block::<1>(xs, n, w) }),
+            2 => out[..2].copy_from_slice(&unsafe { block::<2>(xs, n, w) }),
+            3 => out[..3].copy_from_slice(&unsafe { block::<3>(xs, n, w) }),
+            _ => out.copy_from_slice(&unsafe { block::<4>(xs, n, w) }),
+        }
+        out
+    }
+
+    /// The last `n % 4` bytes of `x` (`n` = its length) as one little-endian
+    /// lane, zero-extended (so the weights of absent columns count nothing).
+    fn tail4(x: &[u8]) -> i32 {
+        let mut b = [0u8; 4];
+        let tail = &x[x.len() / 4 * 4..];
+        b[..tail.len()].copy_from_slice(tail);
+        i32::from_le_bytes(b)
+    }
+
+    /// # Safety
+    /// As [`block_u8i8`], with `xs.len() == B`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn block<const B: usize>(xs: &[&[u8]], n: usize, w: Block64) -> [[i32; BLOCK_ROWS]; B] {
+        const REGS: usize = BLOCK_ROWS / 16;
+        let mut acc = [[_mm512_setzero_si512(); REGS]; B];
+        let wp = w.data.as_ptr();
+        let mut xp = [std::ptr::null::<u8>(); B];
+        for (p, x) in xp.iter_mut().zip(xs) {
+            *p = x.as_ptr();
+        }
+        // One group: 4 columns of the 64 rows against each activation's
+        // 4 bytes of those columns, broadcast.
+        let step = |acc: &mut [[__m512i; REGS]; B], g: usize, x4: [i32; B]| {
+            let mut wv = [_mm512_setzero_si512(); REGS];
+            for (i, v) in wv.iter_mut().enumerate() {
+                // SAFETY: group g < n.div_ceil(4) lies inside w.data (checked by
+                // the caller); unaligned 64-byte load of its i-th quarter.
+                *v = unsafe { _mm512_loadu_si512(wp.add(g * BLOCK_GROUP + i * 64) as *const _) };
+            }
+            for (acc_a, &x) in acc.iter_mut().zip(&x4) {
+                let xb = _mm512_set1_epi32(x);
+                for (a, v) in acc_a.iter_mut().zip(&wv) {
+                    *a = _mm512_dpbusd_epi32(*a, xb, *v);
+                }
+            }
+        };
+        let full = n / 4;
+        for g in 0..full {
+            let mut x4 = [0i32; B];
+            for (v, p) in x4.iter_mut().zip(&xp) {
+                // SAFETY: 4g + 4 ≤ n bytes are readable behind every activation
+                // pointer; unaligned 4-byte read.
+                *v = unsafe { (p.add(4 * g) as *const i32).read_unaligned() };
+            }
+            step(&mut acc, g, x4);
+        }
+        if !n.is_multiple_of(4) {
+            let mut x4 = [0i32; B];
+            for (v, x) in x4.iter_mut().zip(xs) {
+                *v = tail4(x);
+            }
+            step(&mut acc, full, x4);
+        }
+        let mut out = [[0; BLOCK_ROWS]; B];
+        for (o, acc_a) in out.iter_mut().zip(&acc) {
+            for (chunk, a) in o.chunks_exact_mut(16).zip(acc_a) {
+                // SAFETY: `chunk` is 16 writable i32 (64 bytes); unaligned store.
+                unsafe { _mm512_storeu_si512(chunk.as_mut_ptr() as *mut _, *a) };
+            }
         }
         out
     }
