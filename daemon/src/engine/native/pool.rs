@@ -24,8 +24,11 @@ struct Shared {
     /// claiming an index is one compare-and-swap that also proves the job is
     /// the one published.
     word: AtomicU64,
-    /// The current job's task (its lifetime erased, see `run`) and size.
-    task: Mutex<Option<(&'static Task, usize)>>,
+    /// The current job's generation, task (its lifetime erased, see `run`)
+    /// and size. The generation ties the task to the claimable word: the slot
+    /// is filled before the word moves to the new generation, and a claim on
+    /// the old, exhausted word must not take an index of the new task.
+    task: Mutex<Option<(u64, &'static Task, usize)>>,
     /// Completed indices of the current job.
     done: AtomicUsize,
     sleeping: AtomicUsize,
@@ -88,9 +91,12 @@ fn drain(s: &Shared, gen: u64) {
         if w >> 32 != gen {
             return;
         }
-        let Some((task, n)) = *s.task.lock().unwrap_or_else(|e| e.into_inner()) else {
+        let Some((job, task, n)) = *s.task.lock().unwrap_or_else(|e| e.into_inner()) else {
             return;
         };
+        if job != gen {
+            return;
+        }
         let i = (w & 0xffff_ffff) as usize;
         if i >= n {
             return;
@@ -155,9 +161,9 @@ impl Parallel for SpinPool {
         // exhausted), so the extended borrow is never used past its real end.
         let task: &'static Task =
             unsafe { std::mem::transmute::<&(dyn Fn(usize) + Sync), &'static Task>(task) };
-        *s.task.lock().unwrap_or_else(|e| e.into_inner()) = Some((task, n));
-        s.done.store(0, SeqCst);
         let gen = (s.word.load(SeqCst) >> 32) + 1;
+        *s.task.lock().unwrap_or_else(|e| e.into_inner()) = Some((gen, task, n));
+        s.done.store(0, SeqCst);
         s.word.store(gen << 32, SeqCst);
         if s.sleeping.load(SeqCst) > 0 {
             let _g = s.lock.lock().unwrap_or_else(|e| e.into_inner());
@@ -197,7 +203,8 @@ mod tests {
             pool.run(n, &|i| {
                 hits[i].fetch_add(1, SeqCst);
             });
-            assert!(hits.iter().all(|h| h.load(SeqCst) == 1), "round {round}");
+            let got: Vec<usize> = hits.iter().map(|h| h.load(SeqCst)).collect();
+            assert!(got.iter().all(|&h| h == 1), "round {round}: {got:?}");
             if round % 500 == 0 {
                 std::thread::sleep(Duration::from_millis(2)); // let workers fall asleep
             }
