@@ -21,6 +21,14 @@ pub(crate) fn round_even(x: f32) -> f32 {
 /// and all-zero output (onnxruntime's behaviour).
 pub fn dynamic_quantize_u8(x: &[f32], q: &mut [u8]) -> (f32, u8) {
     assert_eq!(x.len(), q.len(), "input and output lengths differ");
+    let (scale, zp) = dynamic_params(x);
+    quantize_u8(x, scale, zp, q);
+    (scale, zp)
+}
+
+/// The `(scale, zero_point)` [`dynamic_quantize_u8`] chooses for `x`, for
+/// quantizing a part of a tensor as onnxruntime quantizes the whole of it.
+pub fn dynamic_params(x: &[f32]) -> (f32, u8) {
     let (mut lo, mut hi) = (0f32, 0f32);
     for &v in x {
         lo = lo.min(v);
@@ -28,15 +36,28 @@ pub fn dynamic_quantize_u8(x: &[f32], q: &mut [u8]) -> (f32, u8) {
     }
     let scale = (hi - lo) / 255.0;
     if scale == 0.0 {
-        q.fill(0);
         return (0.0, 0);
     }
-    // -lo/scale and x/scale lie in [-255, 255] (the range spans 255 steps).
-    let zp = round_even((0.0 - lo) / scale).clamp(0.0, 255.0);
+    // -lo/scale lies in [0, 255] (the range spans 255 steps and includes 0).
+    (
+        scale,
+        round_even((0.0 - lo) / scale).clamp(0.0, 255.0) as u8,
+    )
+}
+
+/// `q = clamp(round(x / scale) + zero_point)` with parameters from
+/// [`dynamic_params`] of `x` or of a tensor holding it; scale 0 gives zeros.
+pub fn quantize_u8(x: &[f32], scale: f32, zero_point: u8, q: &mut [u8]) {
+    assert_eq!(x.len(), q.len(), "input and output lengths differ");
+    if scale == 0.0 {
+        q.fill(0);
+        return;
+    }
+    let zp = zero_point as f32;
     for (o, &v) in q.iter_mut().zip(x) {
+        // x/scale lies in [-255, 255] for x inside the range.
         *o = (round_even(v / scale) + zp).clamp(0.0, 255.0) as u8;
     }
-    (scale, zp as u8)
 }
 
 /// Per-row symmetric int8 weight quantization: row `r` of `w` (`rows × cols`,

@@ -58,10 +58,17 @@ fn auto_picks_native_where_it_applies_and_tract_elsewhere() {
     )
     .unwrap();
     assert_eq!(q.backend.name(), "native");
+    // The Llama family too (RMSNorm, RoPE, grouped-query attention, SwiGLU).
+    assert_eq!(
+        load("tiny-llama-gqa-int8", BackendChoice::Auto, 1)
+            .backend
+            .name(),
+        "native"
+    );
     // Families and quantizations it does not run stay on tract.
     for name in [
         "kjv-lstm",
-        "tiny-llama-gqa-int8",
+        "tiny-llama-gqa",
         "tiny-gpt2-qdq",
         "tiny-gpt2-qoperator",
     ] {
@@ -97,7 +104,7 @@ fn auto_picks_native_where_it_applies_and_tract_elsewhere() {
 /// golden prompts and the English/Chinese prompts of the cross tests.
 #[test]
 fn native_greedy_equals_tract() {
-    for name in ["kjv-gpt2"] {
+    for name in ["kjv-gpt2", "tiny-llama-gqa-int8"] {
         let n = load(name, BackendChoice::Native, 1);
         let t = load(name, BackendChoice::Tract, 1);
         let mut prompts: Vec<Vec<u32>> = golden(&model(name))
@@ -130,7 +137,13 @@ fn native_greedy_equals_tract() {
 /// (each at a different length), and a prompt fed in pieces equals one fed whole.
 #[test]
 fn native_batch_invariance() {
-    let m = load("kjv-gpt2", BackendChoice::Native, 8);
+    for name in ["kjv-gpt2", "tiny-llama-gqa-int8"] {
+        batch_invariance(name);
+    }
+}
+
+fn batch_invariance(name: &str) {
+    let m = load(name, BackendChoice::Native, 8);
     let texts = [
         "In the beginning",
         "And God said, Let there be light",
@@ -161,7 +174,7 @@ fn native_batch_invariance() {
         for i in 0..8 {
             assert_eq!(
                 logits[i], alone[i].1[step],
-                "sequence {i} step {step}: logits differ in the batch"
+                "{name}: sequence {i} step {step}: logits differ in the batch"
             );
             got[i].push(next[i]);
         }
@@ -180,7 +193,7 @@ fn native_batch_invariance() {
         assert!(items.iter().all(|i| i.result.is_ok()));
     }
     for i in 0..8 {
-        assert_eq!(got[i], alone[i].0, "sequence {i}");
+        assert_eq!(got[i], alone[i].0, "{name}: sequence {i}");
     }
 
     // Prompt in pieces: the cache written by one call is what the next reads.
@@ -200,10 +213,18 @@ fn native_batch_invariance() {
 /// Logits for every position (perplexity's path) across chunks of 64 rows.
 #[test]
 fn native_all_logits_match_tract() {
-    let n = load("kjv-gpt2", BackendChoice::Native, 1);
-    let t = load("kjv-gpt2", BackendChoice::Tract, 1);
+    // The tiny Llama is random: its logits are near ties everywhere, so it is
+    // compared within one chunk (quantized exactly as tract does).
+    for (name, len) in [("kjv-gpt2", 150), ("tiny-llama-gqa-int8", 64)] {
+        all_logits_match_tract(name, len);
+    }
+}
+
+fn all_logits_match_tract(name: &str, len: usize) {
+    let n = load(name, BackendChoice::Native, 1);
+    let t = load(name, BackendChoice::Tract, 1);
     let text = std::fs::read_to_string(root().join("models/heldout.txt")).unwrap();
-    let ids: Vec<u32> = n.tokenizer.encode(&text).unwrap()[..150].to_vec();
+    let ids: Vec<u32> = n.tokenizer.encode(&text).unwrap()[..len].to_vec();
     let (mut sn, mut stt) = (
         n.backend.new_state().unwrap(),
         t.backend.new_state().unwrap(),
@@ -222,14 +243,17 @@ fn native_all_logits_match_tract() {
         same += (argmax(a) == argmax(b)) as usize;
     }
     // Past 64 tokens the activations are quantized per 64-token chunk, not
-    // over the whole 150-token tensor as tract and onnxruntime do.
-    assert!(same >= 147, "argmax equal at {same} of 150 positions");
+    // over the whole tensor as tract and onnxruntime do.
+    assert!(
+        same + 3 >= len,
+        "{name}: argmax equal at {same} of {len} positions"
+    );
     let worst = ln
         .iter()
         .zip(&lt)
         .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-    eprintln!("all-positions worst difference {worst:.3}");
-    assert!(worst < 0.5, "{worst}");
+    eprintln!("{name}: all-positions worst difference {worst:.3}");
+    assert!(worst < 0.5, "{name}: {worst}");
 }
 
 #[test]

@@ -6,7 +6,9 @@ use ember_kernels::Kernels;
 
 use super::graph::{attr, Graph, Linear, Unrecognized};
 use super::kv::{KvArena, KvShape};
-use super::ops::{attend, run_linear, Embedding, Heads, Norm, QRows, MAX_ROWS};
+use super::ops::{
+    add, attend_rows, head_logits, run_linear, store_kv, Embedding, Heads, Norm, Work,
+};
 use super::{Job, Row};
 use crate::model::DecoderIo;
 
@@ -35,70 +37,10 @@ pub struct Gpt2 {
     gelu_tanh: bool,
 }
 
-/// Scratch for one step, sized at load.
-#[derive(Debug)]
-pub struct Work {
-    pub arena: KvArena,
-    x: Vec<f32>,
-    h: Vec<f32>,
-    big: Vec<f32>,
-    tmp: Vec<f32>,
-    att: Vec<f32>,
-    scores: Vec<f32>,
-    logits: Vec<f32>,
-    qr: QRows,
-}
-
 impl Gpt2 {
     /// Recognise the GPT-2 structure; any deviation is a reason to stay on tract.
     pub fn recognize(g: &Graph, io: &DecoderIo, quantize_fp32: bool) -> Result<Gpt2, Unrecognized> {
-        const OPS: &[&str] = &[
-            "Gather",
-            "DequantizeLinear",
-            "QuantizeLinear",
-            "DynamicQuantizeLinear",
-            "MatMulInteger",
-            "QLinearMatMul",
-            "MatMul",
-            "Gemm",
-            "Cast",
-            "Mul",
-            "Add",
-            "Sub",
-            "Div",
-            "LayerNormalization",
-            "Split",
-            "Reshape",
-            "Transpose",
-            "Concat",
-            "Softmax",
-            "Gelu",
-            "Shape",
-            "Unsqueeze",
-            "Squeeze",
-            "Range",
-            "LessOrEqual",
-            "Less",
-            "And",
-            "Where",
-            "Slice",
-            "Constant",
-            "ConstantOfShape",
-            "Expand",
-            "Equal",
-            "Not",
-            "Identity",
-        ];
-        if let Some(n) = g
-            .nodes()
-            .iter()
-            .find(|n| !OPS.contains(&n.op_type.as_str()))
-        {
-            return Err(format!(
-                "operator {} is not part of a GPT-2 graph",
-                n.op_type
-            ));
-        }
+        g.check_ops(&["LayerNormalization", "Split", "Gelu"], "GPT-2")?;
         let pos_ids = io
             .position_ids
             .as_deref()
@@ -266,21 +208,10 @@ impl Gpt2 {
 
     pub fn new_work(&self, arena: KvArena, context: usize) -> Work {
         let h = self.hidden;
-        let wide = (3 * h).max(self.ff);
-        Work {
-            arena,
-            x: vec![0.0; MAX_ROWS * h],
-            h: vec![0.0; MAX_ROWS * h],
-            big: vec![0.0; MAX_ROWS * wide],
-            tmp: vec![0.0; MAX_ROWS * h],
-            att: vec![0.0; MAX_ROWS * h],
-            scores: vec![0.0; context],
-            logits: vec![0.0; MAX_ROWS * self.vocab],
-            qr: QRows::new(h.max(self.ff)),
-        }
+        Work::new(arena, h, (3 * h).max(self.ff), self.vocab, context)
     }
 
-    /// Run one chunk of rows (at most [`MAX_ROWS`]) through the network,
+    /// Run one chunk of rows (at most [`MAX_ROWS`](super::ops::MAX_ROWS)) through the network,
     /// writing the logits rows ask for into their jobs' outputs.
     pub fn chunk(
         &self,
@@ -291,7 +222,6 @@ impl Gpt2 {
         par: &dyn Parallel,
     ) {
         let (h, n) = (self.hidden, rows.len());
-        let hd = self.heads.head_dim;
         let Work {
             arena,
             x,
@@ -315,28 +245,11 @@ impl Gpt2 {
             let qkv = &mut big[..n * 3 * h];
             run_linear(k, &b.attn, &hb[..n * h], group, qr, qkv, par);
             for (r, row) in rows.iter().enumerate() {
+                let (kr, vr) = qkv[r * 3 * h + h..(r + 1) * 3 * h].split_at(h);
                 let seq = jobs[row.job].blocks;
-                let base = r * 3 * h;
-                for head in 0..self.heads.kv_heads {
-                    let at = base + h + head * hd;
-                    arena.put(seq, row.pos, l, false, head, &qkv[at..at + hd]);
-                    arena.put(seq, row.pos, l, true, head, &qkv[at + h..at + h + hd]);
-                }
+                store_kv(arena, seq, row.pos, l, self.heads, kr, vr);
             }
-            for (r, row) in rows.iter().enumerate() {
-                let q = &qkv[r * 3 * h..r * 3 * h + h];
-                attend(
-                    k,
-                    arena,
-                    jobs[row.job].blocks,
-                    l,
-                    self.heads,
-                    q,
-                    row.pos,
-                    scores,
-                    &mut att[r * h..(r + 1) * h],
-                );
-            }
+            attend_rows(k, arena, rows, jobs, l, self.heads, qkv, 3 * h, scores, att);
             run_linear(k, &b.proj, &att[..n * h], group, qr, tmp, par);
             add(x, &tmp[..n * h]);
             b.ln2.apply_layer(x, hb);
@@ -351,34 +264,7 @@ impl Gpt2 {
             run_linear(k, &b.out, ff, group, qr, tmp, par);
             add(x, &tmp[..n * h]);
         }
-        let mut m = 0;
-        for (r, row) in rows.iter().enumerate() {
-            if row.want {
-                self.ln_f
-                    .apply_layer(&x[r * h..(r + 1) * h], &mut hb[m * h..(m + 1) * h]);
-                m += 1;
-            }
-        }
-        let v = self.vocab;
-        if m == 0 {
-            return;
-        }
-        // The logit rows, by job too.
-        let mut wanted: heapless::Vec<usize, MAX_ROWS> = heapless::Vec::new();
-        for row in rows.iter().filter(|r| r.want) {
-            let _ = wanted.push(row.job);
-        }
-        run_linear(k, &self.head, &hb[..m * h], |r| wanted[r], qr, logits, par);
-        for (m, row) in rows.iter().filter(|r| r.want).enumerate() {
-            let job = &mut jobs[row.job];
-            let at = if job.all { row.t * v } else { 0 };
-            job.out[at..at + v].copy_from_slice(&logits[m * v..(m + 1) * v]);
-        }
-    }
-}
-
-fn add(x: &mut [f32], y: &[f32]) {
-    for (a, b) in x.iter_mut().zip(y) {
-        *a += b;
+        self.ln_f.apply_layer(x, hb);
+        head_logits(k, &self.head, &hb[..n * h], rows, jobs, qr, logits, par);
     }
 }

@@ -100,6 +100,28 @@ impl<'a> Graph<'a> {
         self.sole_consumer(tensor).filter(|n| n.op_type == op)
     }
 
+    /// Refuse a graph with an operator outside [`DECODER_OPS`] and `extra`
+    /// (a family's own): an unknown operator is computation the native
+    /// forward pass would not do.
+    pub fn check_ops(&self, extra: &[&str], family: &str) -> Result<(), Unrecognized> {
+        match self.nodes().iter().find(|n| {
+            !DECODER_OPS.contains(&n.op_type.as_str()) && !extra.contains(&n.op_type.as_str())
+        }) {
+            Some(n) => Err(format!(
+                "operator {} is not part of a {family} graph",
+                n.op_type
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether an `op` node reads `tensor` (among any others).
+    pub fn read_by(&self, tensor: &str, op: &str) -> bool {
+        self.consumers
+            .get(tensor)
+            .is_some_and(|v| v.iter().any(|&i| self.g.node[i].op_type == op))
+    }
+
     /// The only node reading `tensor`, if exactly one does.
     pub fn sole_consumer(&self, tensor: &str) -> Option<&'a pb::NodeProto> {
         match self.consumers.get(tensor).map(|v| v.as_slice()) {
@@ -186,6 +208,44 @@ const STATIC_ATTENTION: &str =
 the native engine computes attention in float and would not match this graph \
 (quantize only the weight MatMuls, or use quantize_dynamic)";
 
+/// Operators of every decoder graph the native engine reads: the quantized
+/// and float products it packs, and the shape, mask and attention plumbing it
+/// replaces with its own cache and attention.
+pub const DECODER_OPS: &[&str] = &[
+    "Gather",
+    "DequantizeLinear",
+    "QuantizeLinear",
+    "DynamicQuantizeLinear",
+    "MatMulInteger",
+    "QLinearMatMul",
+    "MatMul",
+    "Gemm",
+    "Cast",
+    "Mul",
+    "Add",
+    "Sub",
+    "Div",
+    "Reshape",
+    "Transpose",
+    "Concat",
+    "Softmax",
+    "Shape",
+    "Unsqueeze",
+    "Squeeze",
+    "Range",
+    "LessOrEqual",
+    "Less",
+    "And",
+    "Where",
+    "Slice",
+    "Constant",
+    "ConstantOfShape",
+    "Expand",
+    "Equal",
+    "Not",
+    "Identity",
+];
+
 /// A linear layer with its weights packed for the kernels.
 #[derive(Debug)]
 pub struct Linear {
@@ -204,6 +264,8 @@ type Matched = (String, String, PackedI8, bool);
 pub struct FoundLinear {
     /// The float tensor the layer reads.
     pub input: String,
+    /// The float tensor it writes (after the bias, when it has one).
+    pub output: String,
     pub linear: Linear,
 }
 
@@ -221,14 +283,16 @@ impl Graph<'_> {
                 _ => None,
             };
             if let Some((input, out, w, from_int8)) = layer {
-                let bias = self.bias_after(&out)?;
-                if let Some(b) = &bias {
-                    if b.len() != w.rows() {
+                let (bias, output) = match self.bias_after(&out)? {
+                    Some((b, _)) if b.len() != w.rows() => {
                         return Err(format!("bias of '{}' has {} values", n.name, b.len()));
                     }
-                }
+                    Some((b, output)) => (Some(b), output),
+                    None => (None, out),
+                };
                 found.push(FoundLinear {
                     input,
+                    output,
                     linear: Linear { w, bias, from_int8 },
                 });
             }
@@ -236,8 +300,9 @@ impl Graph<'_> {
         Ok(found)
     }
 
-    /// The bias of `Add(out, bias constant)` when `out` flows into one.
-    fn bias_after(&self, out: &str) -> Result<Option<Vec<f32>>, Unrecognized> {
+    /// The bias of `Add(out, bias constant)` when `out` flows into one, with
+    /// the sum's name.
+    fn bias_after(&self, out: &str) -> Result<Option<(Vec<f32>, String)>, Unrecognized> {
         if let Some(add) = self.sole_consumer(out).filter(|n| n.op_type == "Add") {
             let other = if add.input[0] == out {
                 &add.input[1]
@@ -245,7 +310,7 @@ impl Graph<'_> {
                 &add.input[0]
             };
             if self.is_const(other) {
-                return Ok(Some(self.f32s(other)?));
+                return Ok(Some((self.f32s(other)?, add.output[0].clone())));
             }
         }
         Ok(None)
@@ -391,7 +456,7 @@ impl Graph<'_> {
         }
         if !quantize_fp32 {
             return Err(bad(
-                "fp32 weights: the native engine quantizes them only when asked (quantize = true)",
+                "fp32 weights: the native engine quantizes them only when asked (--quantize-fp32, quantize_fp32 = true)",
             ));
         }
         let (shape, vals) = self.konst(w_name)?;

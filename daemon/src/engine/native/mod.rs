@@ -16,6 +16,7 @@
 mod gpt2;
 mod graph;
 mod kv;
+mod llama;
 mod ops;
 mod pool;
 
@@ -64,6 +65,71 @@ pub struct NativeState {
 #[derive(Debug)]
 enum Net {
     Gpt2(gpt2::Gpt2),
+    Llama(llama::Llama),
+}
+
+/// Call the same method on whichever family the net is.
+macro_rules! each_net {
+    ($net:expr, $m:ident => $e:expr) => {
+        match $net {
+            Net::Gpt2($m) => $e,
+            Net::Llama($m) => $e,
+        }
+    };
+}
+
+impl Net {
+    /// The decoder families in turn; the reasons of all when none fits.
+    fn recognize(
+        g: &graph::Graph,
+        io: &crate::model::DecoderIo,
+        context: Option<usize>,
+        quantize_fp32: bool,
+    ) -> Result<Net, Unrecognized> {
+        let not_gpt2 = match gpt2::Gpt2::recognize(g, io, quantize_fp32) {
+            Ok(m) => return Ok(Net::Gpt2(m)),
+            Err(e) => e,
+        };
+        match llama::Llama::recognize(g, io, context, quantize_fp32) {
+            Ok(m) => Ok(Net::Llama(m)),
+            Err(not_llama) => Err(format!("not GPT-2: {not_gpt2}; not Llama: {not_llama}")),
+        }
+    }
+
+    fn vocab(&self) -> usize {
+        each_net!(self, m => m.vocab())
+    }
+
+    fn kv_shape(&self) -> kv::KvShape {
+        each_net!(self, m => m.kv_shape())
+    }
+
+    fn max_positions(&self) -> usize {
+        each_net!(self, m => m.max_positions())
+    }
+
+    fn weight_bytes(&self) -> usize {
+        each_net!(self, m => m.weight_bytes())
+    }
+
+    fn all_int8(&self) -> bool {
+        each_net!(self, m => m.all_int8())
+    }
+
+    fn new_work(&self, arena: KvArena, context: usize) -> ops::Work {
+        each_net!(self, m => m.new_work(arena, context))
+    }
+
+    fn chunk(
+        &self,
+        k: &Kernels,
+        w: &mut ops::Work,
+        rows: &[Row],
+        jobs: &mut [Job<'_>],
+        par: &dyn Parallel,
+    ) {
+        each_net!(self, m => m.chunk(k, w, rows, jobs, par))
+    }
 }
 
 /// The native backend of one model.
@@ -71,7 +137,7 @@ enum Net {
 pub struct NativeBackend {
     family: Family,
     net: Net,
-    work: Mutex<gpt2::Work>,
+    work: Mutex<ops::Work>,
     pool: Arc<BlockPool>,
     context: usize,
     threads: Option<pool::SpinPool>,
@@ -89,22 +155,20 @@ impl NativeBackend {
         opts: &LoadOptions,
     ) -> Result<NativeBackend, Unrecognized> {
         let g = graph::Graph::new(proto, &dir.root);
-        let (net, shape, max_pos) = match family {
+        let net = match family {
             Family::Decoder(io) => {
-                let m = gpt2::Gpt2::recognize(&g, io, opts.quantize_fp32)?;
-                let (shape, max_pos) = (m.kv_shape(), m.max_positions());
-                (Net::Gpt2(m), shape, max_pos)
+                Net::recognize(&g, io, dir.context_length(), opts.quantize_fp32)?
             }
             Family::Lstm(_) => return Err("LSTM models are not native yet".into()),
         };
+        let (shape, max_pos) = (net.kv_shape(), net.max_positions());
         let context = dir.context_length().unwrap_or(max_pos).min(max_pos);
         let seqs = opts.max_seqs.max(1);
         let blocks = seqs * context.div_ceil(kv::BLOCK);
         let (arena, pool) = KvArena::new(shape, blocks);
         let kv_bytes = arena.bytes();
-        let Net::Gpt2(m) = &net;
-        let weight_bytes = m.weight_bytes();
-        let work = m.new_work(arena, context);
+        let weight_bytes = net.weight_bytes();
+        let work = net.new_work(arena, context);
         let threads = opts.threads.max(opts.batch_threads);
         let threads = if threads > 1 {
             Some(
@@ -139,8 +203,7 @@ impl NativeBackend {
 
     /// Whether the file's weights were int8 (false: quantized at load).
     pub fn from_int8(&self) -> bool {
-        let Net::Gpt2(m) = &self.net;
-        m.all_int8()
+        self.net.all_int8()
     }
 
     /// Compare with `reference` on a probe sequence: prefill of 10 tokens, then
@@ -244,8 +307,8 @@ impl NativeBackend {
                     (j, t) = (j + 1, 0);
                 }
             }
-            let Net::Gpt2(m) = &self.net;
-            m.chunk(self.kernels, &mut work, &rows, jobs, self.par());
+            self.net
+                .chunk(self.kernels, &mut work, &rows, jobs, self.par());
         }
     }
 }
@@ -275,8 +338,7 @@ impl Backend for NativeBackend {
     }
 
     fn vocab_size(&self) -> usize {
-        let Net::Gpt2(m) = &self.net;
-        m.vocab()
+        self.net.vocab()
     }
 
     fn new_state(&self) -> Result<SeqState, EngineError> {

@@ -3,11 +3,12 @@
 //! All work in caller-provided buffers (no allocation per token).
 
 use ember_kernels::gemv::{self, PackedI8, Parallel, QVec};
-use ember_kernels::quant::dynamic_quantize_u8;
+use ember_kernels::quant::{dynamic_params, quantize_u8};
 use ember_kernels::Kernels;
 
 use super::graph::{Graph, Linear, Unrecognized, Values};
 use super::kv::{KvArena, SeqBlocks, BLOCK};
+use super::{Job, Row};
 use tract_onnx::pb;
 
 /// Token rows a step computes at once (longer prompts go in chunks).
@@ -186,24 +187,39 @@ impl QRows {
         cols: usize,
         group: impl Fn(usize) -> usize,
     ) -> heapless::Vec<QVec<'_>, MAX_ROWS> {
+        self.quantize_where(src, cols, group, |_| true)
+    }
+
+    /// [`QRows::quantize`] of the rows `keep` selects only, each with the
+    /// parameters of its whole group: the logits of a prompt's last token,
+    /// quantized as onnxruntime quantizes the head's input for all of them.
+    pub fn quantize_where(
+        &mut self,
+        src: &[f32],
+        cols: usize,
+        group: impl Fn(usize) -> usize,
+        keep: impl Fn(usize) -> bool,
+    ) -> heapless::Vec<QVec<'_>, MAX_ROWS> {
         let n = src.len() / cols;
         assert!(n <= MAX_ROWS && n * cols == src.len());
-        let mut start = 0;
+        let (mut start, mut m) = (0, 0);
         while start < n {
             let mut end = start + 1;
             while end < n && group(end) == group(start) {
                 end += 1;
             }
-            let (s, z) = dynamic_quantize_u8(
-                &src[start * cols..end * cols],
-                &mut self.q[start * cols..end * cols],
-            );
-            self.scale[start..end].fill(s);
-            self.zp[start..end].fill(z);
+            let (s, z) = dynamic_params(&src[start * cols..end * cols]);
+            for r in (start..end).filter(|&r| keep(r)) {
+                let q = &mut self.q[m * cols..(m + 1) * cols];
+                quantize_u8(&src[r * cols..(r + 1) * cols], s, z, q);
+                self.scale[m] = s;
+                self.zp[m] = z;
+                m += 1;
+            }
             start = end;
         }
         let mut v = heapless::Vec::new();
-        for r in 0..n {
+        for r in 0..m {
             let _ = v.push(QVec {
                 q: &self.q[r * cols..(r + 1) * cols],
                 scale: self.scale[r],
@@ -224,13 +240,93 @@ pub fn run_linear(
     out: &mut [f32],
     par: &dyn Parallel,
 ) {
+    let xs = qr.quantize(src, lin.w.cols(), group);
+    product(k, lin, &xs, out, par)
+}
+
+/// `out[i] = lin · xs[i] (+ bias)` on activations already quantized, so
+/// layers reading the same tensor (q, k, v; gate, up) quantize it once.
+pub fn product(k: &Kernels, lin: &Linear, xs: &[QVec], out: &mut [f32], par: &dyn Parallel) {
     let w: &PackedI8 = &lin.w;
-    let xs = qr.quantize(src, w.cols(), group);
     let out = &mut out[..xs.len() * w.rows()];
     if par.threads() > 1 && w.rows() * w.cols() * xs.len() >= PAR_MIN_MACS {
-        gemv::gemm_par(k, w, &xs, lin.bias.as_deref(), out, par)
+        gemv::gemm_par(k, w, xs, lin.bias.as_deref(), out, par)
     } else {
-        gemv::gemm(k, w, &xs, lin.bias.as_deref(), out)
+        gemv::gemm(k, w, xs, lin.bias.as_deref(), out)
+    }
+}
+
+/// Scratch for one step, sized at load (every family uses the same buffers
+/// for its own purposes).
+#[derive(Debug)]
+pub struct Work {
+    pub arena: KvArena,
+    /// The residual stream, `MAX_ROWS × hidden`.
+    pub x: Vec<f32>,
+    /// Normalized rows, `MAX_ROWS × hidden`.
+    pub h: Vec<f32>,
+    /// Projections wider than the hidden size, `MAX_ROWS × wide`.
+    pub big: Vec<f32>,
+    pub tmp: Vec<f32>,
+    /// Attention output, `MAX_ROWS × hidden`.
+    pub att: Vec<f32>,
+    /// Attention scores of one head, `context` long.
+    pub scores: Vec<f32>,
+    pub logits: Vec<f32>,
+    pub qr: QRows,
+}
+
+impl Work {
+    /// Buffers for rows of `hidden` values, projections up to `wide` values
+    /// (also the widest input a linear layer takes), `vocab` logits.
+    pub fn new(arena: KvArena, hidden: usize, wide: usize, vocab: usize, context: usize) -> Work {
+        Work {
+            arena,
+            x: vec![0.0; MAX_ROWS * hidden],
+            h: vec![0.0; MAX_ROWS * hidden],
+            big: vec![0.0; MAX_ROWS * wide],
+            tmp: vec![0.0; MAX_ROWS * hidden],
+            att: vec![0.0; MAX_ROWS * hidden],
+            scores: vec![0.0; context],
+            logits: vec![0.0; MAX_ROWS * vocab],
+            qr: QRows::new(hidden.max(wide)),
+        }
+    }
+}
+
+/// `x += y`.
+pub fn add(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+/// The output head on the final-normed rows `x` (one per row of `rows`),
+/// for the rows that want logits, copied into their jobs' outputs. The head's
+/// input is quantized per group with the parameters of all its rows, as the
+/// graph quantizes the whole tensor before the last position is taken, so a
+/// prompt's last logits equal onnxruntime's.
+#[allow(clippy::too_many_arguments)]
+pub fn head_logits(
+    k: &Kernels,
+    head: &Linear,
+    x: &[f32],
+    rows: &[Row],
+    jobs: &mut [Job<'_>],
+    qr: &mut QRows,
+    logits: &mut [f32],
+    par: &dyn Parallel,
+) {
+    let xs = qr.quantize_where(x, head.w.cols(), |r| rows[r].job, |r| rows[r].want);
+    if xs.is_empty() {
+        return;
+    }
+    product(k, head, &xs, logits, par);
+    let vocab = head.w.rows();
+    for (m, row) in rows.iter().filter(|r| r.want).enumerate() {
+        let job = &mut jobs[row.job];
+        let at = if job.all { row.t * vocab } else { 0 };
+        job.out[at..at + vocab].copy_from_slice(&logits[m * vocab..(m + 1) * vocab]);
     }
 }
 
@@ -329,6 +425,49 @@ pub fn attend(
             let vals = &arena.slab(block, layer, true, kvh)[..m * hd];
             (k.pv_f32)(&scores[b * BLOCK..b * BLOCK + m], inv, vals, o);
         }
+    }
+}
+
+/// Store one row's keys and values (`kv_heads × head_dim` each, head after
+/// head) in its sequence's cache at position `pos` of `layer`.
+pub fn store_kv(
+    arena: &mut KvArena,
+    seq: &SeqBlocks,
+    pos: usize,
+    layer: usize,
+    h: Heads,
+    keys: &[f32],
+    vals: &[f32],
+) {
+    let hd = h.head_dim;
+    for head in 0..h.kv_heads {
+        let at = head * hd;
+        arena.put(seq, pos, layer, false, head, &keys[at..at + hd]);
+        arena.put(seq, pos, layer, true, head, &vals[at..at + hd]);
+    }
+}
+
+/// [`attend`] for every row of a chunk over its own sequence: row `r`'s
+/// query is `q[r * stride..]` (`heads × head_dim` values), its output
+/// `out[r * heads · head_dim..]`.
+#[allow(clippy::too_many_arguments)]
+pub fn attend_rows(
+    k: &Kernels,
+    arena: &KvArena,
+    rows: &[Row],
+    jobs: &[Job<'_>],
+    layer: usize,
+    h: Heads,
+    q: &[f32],
+    stride: usize,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    let d = h.heads * h.head_dim;
+    for (r, row) in rows.iter().enumerate() {
+        let seq = jobs[row.job].blocks;
+        let (qr, or) = (&q[r * stride..r * stride + d], &mut out[r * d..(r + 1) * d]);
+        attend(k, arena, seq, layer, h, qr, row.pos, scores, or);
     }
 }
 
