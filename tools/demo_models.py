@@ -332,10 +332,11 @@ def check_export(torch_model: nn.Module, onnx_model: onnx.ModelProto, ids: np.nd
 
 
 # ------------------------------------------------------------- fixtures ---
-def random_llama(vocab: int, d: int, layers: int, heads: int, kv_heads: int, ffn: int, seed: int) -> dict:
+def random_llama(vocab: int, d: int, layers: int, heads: int, kv_heads: int, ffn: int, seed: int,
+                 std: float = 0.2) -> dict:
     rng = np.random.default_rng(seed)
     hd = d // heads
-    r = lambda *s, std=0.2: (rng.standard_normal(s) * std).astype(np.float32)  # noqa: E731
+    r = lambda *s, std=std: (rng.standard_normal(s) * std).astype(np.float32)  # noqa: E731
     w = {"embed_tokens": r(vocab, d, std=1.0), "norm.weight": 1 + r(d, std=0.1),
          "lm_head": r(d, vocab, std=1.0)}
     for i in range(layers):
@@ -400,6 +401,25 @@ def fixtures(out: Path, tok: Tokenizer) -> None:
     tok.save(str(d / "tokenizer.json"))
 
 
+def smollm(out: Path) -> None:
+    """SmolLM-135M's shape (hidden 576, 30 layers, 9 heads, 3 KV heads, MLP 1536,
+    vocab 49152, context 2048) with random weights, int8 dynamic: a benchmark of
+    a real-sized Llama, made at bench time and never committed. The demo
+    tokenizer is padded with placeholder tokens up to the vocabulary."""
+    vocab = 49152
+    tok = Tokenizer.from_file(str(Path(__file__).resolve().parent.parent / "models/kjv-gpt2/tokenizer.json"))
+    tok.add_tokens([f"<extra_{i}>" for i in range(tok.get_vocab_size(), vocab)])
+    assert tok.get_vocab_size() == vocab, tok.get_vocab_size()
+    eos = tok.token_to_id(EOS)
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab,
+           "hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9,
+           "num_key_value_heads": 3, "intermediate_size": 1536, "max_position_embeddings": 2048,
+           "rope_theta": 10000.0, "bos_token_id": eos, "eos_token_id": eos}
+    # std 0.02 (the usual initialisation) keeps 30 residual layers finite.
+    w = random_llama(vocab, 576, 30, 9, 3, 1536, seed=4, std=0.02)
+    save(onnx_graphs.llama(w, 30, 9, 3), out, tok, cfg, quant="MatMul,Gather")
+
+
 # ------------------------------------------------------------------ main ---
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -407,11 +427,19 @@ def main() -> None:
     ap.add_argument("--fixtures", default="tests/fixtures")
     ap.add_argument("--steps-gpt2", type=int, default=300)
     ap.add_argument("--steps-lstm", type=int, default=400)
-    ap.add_argument("--only", choices=["gpt2", "lstm", "fixtures", "big"], action="append")
+    ap.add_argument("--only", choices=["gpt2", "lstm", "fixtures", "big", "smollm"], action="append")
     ap.add_argument("--big-out", default="target/bench-models/gpt2-big-int8",
                     help="where --only big writes its random-weight model (not committed)")
+    ap.add_argument("--smollm-out", default="target/bench-models/smollm-135m-int8",
+                    help="where --only smollm writes its random-weight model (not committed)")
     args = ap.parse_args()
     only = set(args.only or ["gpt2", "lstm", "fixtures"])
+    if "smollm" in only:
+        log("bench model: random SmolLM-135M-shaped Llama, int8")
+        smollm(Path(args.smollm_out))
+        only.discard("smollm")
+        if not only:
+            return
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
     out = Path(args.out)

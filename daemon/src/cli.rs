@@ -11,7 +11,7 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 
-use crate::engine::{BackendChoice, LoadOptions, Logits, Model};
+use crate::engine::{BackendChoice, BatchItem, LoadOptions, Logits, Model};
 use crate::generate::{self, GenerateParams, Truncate};
 use crate::sample::SamplingParams;
 
@@ -138,6 +138,11 @@ pub struct ModelArgs {
 
 impl ModelArgs {
     fn load(&self) -> anyhow::Result<Model> {
+        self.load_for(1)
+    }
+
+    /// Load with room (KV cache) for `seqs` sequences at once.
+    fn load_for(&self, seqs: usize) -> anyhow::Result<Model> {
         if self.threads == 0 {
             bail!("--threads must be at least 1");
         }
@@ -147,6 +152,7 @@ impl ModelArgs {
                 threads: self.threads,
                 backend: self.backend,
                 quantize_fp32: self.quantize_fp32,
+                max_seqs: seqs,
                 ..Default::default()
             },
         )
@@ -223,6 +229,11 @@ pub struct BenchArgs {
     /// the breakdown to stderr.
     #[arg(long)]
     profile: bool,
+    /// Also step this many sequences together (continuous batching's decode
+    /// shape, engine only: no sampler or I/O) and report their aggregate
+    /// greedy tokens/s next to one sequence stepped the same way.
+    #[arg(long, value_name = "N")]
+    batch: Option<usize>,
 }
 
 /// `emberd eval`.
@@ -463,6 +474,18 @@ pub struct BenchReport {
     pub decode_tokens_per_s: f64,
     /// Peak resident memory of the process (VmHWM).
     pub peak_rss_bytes: u64,
+    /// `--batch N`: N.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch: Option<usize>,
+    /// `--batch N`: aggregate tokens/s of N sequences stepped together.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch_decode_tokens_per_s: Option<f64>,
+    /// `--batch N`: one sequence stepped the same way (the ratio's base).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch1_decode_tokens_per_s: Option<f64>,
+    /// Weights held, bytes streamed per decode token, KV cache (native only).
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub footprint: Option<crate::engine::Footprint>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -514,12 +537,13 @@ fn cmd_bench(a: BenchArgs) -> anyhow::Result<()> {
     }
     let (mut load, mut prefill, mut ttft, mut tps) = (vec![], vec![], vec![], vec![]);
     let pb = progress(a.runs as u64, "bench");
-    let mut backend = String::new();
+    let (mut backend, mut footprint) = (String::new(), None);
     for _ in 0..a.runs {
         let t0 = Instant::now();
         let model = a.model.load()?;
         load.push(t0.elapsed().as_secs_f64() * 1e3);
         backend = model.backend.name().to_string();
+        footprint = model.backend.footprint();
         let prompt = bench_prompt(&model, a.prompt_tokens)?;
         let params = GenerateParams {
             sampling: SamplingParams::greedy(),
@@ -537,6 +561,16 @@ fn cmd_bench(a: BenchArgs) -> anyhow::Result<()> {
     if a.profile {
         print_decode_profile(&a)?;
     }
+    let batched = match a.batch {
+        Some(0) => bail!("--batch must be at least 1"),
+        Some(n) => {
+            let model = a.model.load_for(n)?;
+            let prompt = bench_prompt(&model, a.prompt_tokens)?;
+            let one = batch_decode(&model, &prompt, 1, a.gen_tokens)?;
+            Some((n, batch_decode(&model, &prompt, n, a.gen_tokens)?, one))
+        }
+        None => None,
+    };
     let report = BenchReport {
         runtime: "emberd",
         backend,
@@ -550,9 +584,41 @@ fn cmd_bench(a: BenchArgs) -> anyhow::Result<()> {
         ttft_ms: median(ttft),
         decode_tokens_per_s: median(tps),
         peak_rss_bytes: peak_rss_bytes(),
+        batch: batched.map(|b| b.0),
+        batch_decode_tokens_per_s: batched.map(|b| b.1),
+        batch1_decode_tokens_per_s: batched.map(|b| b.2),
+        footprint,
     };
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
+}
+
+/// Aggregate greedy decode tokens/s of `n` sequences stepped together, one
+/// [`Backend::forward_batch`](crate::engine::Backend::forward_batch) per step,
+/// after each prefilled the bench prompt (its last token varied per sequence).
+fn batch_decode(model: &Model, prompt: &[u32], n: usize, steps: usize) -> anyhow::Result<f64> {
+    let vocab = model.backend.vocab_size() as u32;
+    let mut states = vec![];
+    let mut logits: Vec<Vec<f32>> = vec![vec![]; n];
+    for (i, l) in logits.iter_mut().enumerate() {
+        let mut p = prompt.to_vec();
+        if let Some(last) = p.last_mut() {
+            *last = (*last + i as u32) % vocab;
+        }
+        let mut st = model.backend.new_state()?;
+        model.backend.forward(&mut st, &p, Logits::Last, l)?;
+        states.push(st);
+    }
+    let t0 = Instant::now();
+    for _ in 0..steps {
+        let next: Vec<u32> = logits.iter().map(|l| crate::sample::argmax(l)).collect();
+        let mut items = BatchItem::decode_step(&mut states, &mut logits, &next);
+        model.backend.forward_batch(&mut items);
+        for it in items {
+            it.result?;
+        }
+    }
+    Ok((n * steps) as f64 / t0.elapsed().as_secs_f64())
 }
 
 /// Greedy decode of `gen_tokens` after the bench prompt, every operator timed.

@@ -137,23 +137,35 @@ fn logprobs_are_reported() {
 
 #[test]
 fn bench_prints_the_documented_keys() {
-    let d = model("kjv-lstm");
-    let v = json(emberd(&[
-        "bench",
-        "--model",
-        d.to_str().unwrap(),
-        "--prompt-tokens",
-        "16",
-        "--gen-tokens",
-        "8",
-        "--runs",
-        "2",
-    ]));
+    let bench = |name: &str, extra: &[&str]| {
+        let d = model(name);
+        let mut args = vec!["bench", "--model", d.to_str().unwrap()];
+        args.extend(["--prompt-tokens", "16", "--gen-tokens", "8"]);
+        args.extend(extra);
+        json(emberd(&args))
+    };
+    let v = bench("kjv-lstm", &["--runs", "2"]);
     for k in ["load_ms", "prefill_ms", "ttft_ms", "decode_tokens_per_s"] {
         assert!(v[k].as_f64().unwrap() > 0.0, "{k} in {v}");
     }
     assert!(v["peak_rss_bytes"].as_u64().unwrap() > 1 << 20);
     assert_eq!(v["prompt_tokens"], 16);
+    // tract reports no footprint and no batch figures unless asked.
+    assert!(v.get("bytes_per_token").is_none() && v.get("batch").is_none());
+
+    // The native engine's footprint, and the batched decode.
+    let v = bench("kjv-gpt2", &["--runs", "1", "--batch", "4"]);
+    assert_eq!(v["backend"], "native");
+    assert_eq!(v["batch"], 4);
+    for k in ["batch_decode_tokens_per_s", "batch1_decode_tokens_per_s"] {
+        assert!(v[k].as_f64().unwrap() > 0.0, "{k} in {v}");
+    }
+    // kjv-gpt2: 4 layers of 256 wide (4·256² + 2·256·1024 weights each) and a
+    // 4096-token head, all int8.
+    let per_token = 4 * (4 * 256 * 256 + 2 * 256 * 1024) + 4096 * 256;
+    assert_eq!(v["bytes_per_token"], per_token);
+    assert!(v["weight_bytes"].as_u64().unwrap() >= per_token);
+    assert!(v["kv_bytes"].as_u64().unwrap() > 0);
 }
 
 #[test]

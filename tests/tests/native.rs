@@ -178,17 +178,7 @@ fn batch_invariance(name: &str) {
             );
             got[i].push(next[i]);
         }
-        let mut items: Vec<BatchItem> = states
-            .iter_mut()
-            .zip(&mut logits)
-            .zip(&next)
-            .map(|((state, logits), t)| BatchItem {
-                state,
-                tokens: std::slice::from_ref(t),
-                logits,
-                result: Ok(()),
-            })
-            .collect();
+        let mut items = BatchItem::decode_step(&mut states, &mut logits, &next);
         m.backend.forward_batch(&mut items);
         assert!(items.iter().all(|i| i.result.is_ok()));
     }

@@ -75,12 +75,46 @@ pub struct BatchItem<'a> {
     pub result: Result<(), EngineError>,
 }
 
+impl<'a> BatchItem<'a> {
+    /// One decode step's items: sequence `i` is fed `next[i]`, its logits go
+    /// to `logits[i]`.
+    pub fn decode_step(
+        states: &'a mut [SeqState],
+        logits: &'a mut [Vec<f32>],
+        next: &'a [u32],
+    ) -> Vec<BatchItem<'a>> {
+        states
+            .iter_mut()
+            .zip(logits)
+            .zip(next)
+            .map(|((state, logits), t)| BatchItem {
+                state,
+                tokens: std::slice::from_ref(t),
+                logits,
+                result: Ok(()),
+            })
+            .collect()
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Logits {
     /// `[vocab]`: what decoding needs.
     Last,
     /// `[tokens, vocab]`: what perplexity needs.
     All,
+}
+
+/// What a backend holds in memory and reads per token, where it knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Footprint {
+    /// Weights held, packed (padding, scales and float tables included).
+    pub weight_bytes: usize,
+    /// Weight bytes one decode step streams (every projection once): over the
+    /// memory read bandwidth, the bound on tokens/s.
+    pub bytes_per_token: usize,
+    /// The KV cache, allocated at load.
+    pub kv_bytes: usize,
 }
 
 /// A model runner. `forward` appends `tokens` to the sequence and writes logits to `out`.
@@ -107,6 +141,12 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     fn reuse_prefix(&self, state: &mut SeqState, prompt: &[u32]) -> usize {
         let _ = (state, prompt);
         0
+    }
+
+    /// Memory held and streamed per token; `None` where the backend cannot
+    /// tell (tract keeps its own copies).
+    fn footprint(&self) -> Option<Footprint> {
+        None
     }
 
     /// One step for several sequences (continuous batching), logits of each

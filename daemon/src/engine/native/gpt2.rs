@@ -197,13 +197,21 @@ impl Gpt2 {
                 .sum::<usize>()
     }
 
+    fn linears(&self) -> impl Iterator<Item = &Linear> {
+        self.blocks
+            .iter()
+            .flat_map(|b| [&b.attn, &b.proj, &b.fc, &b.out])
+            .chain([&self.head])
+    }
+
     /// Whether every projection came from int8 weights in the file.
     pub fn all_int8(&self) -> bool {
-        self.blocks.iter().all(|b| {
-            [&b.attn, &b.proj, &b.fc, &b.out]
-                .iter()
-                .all(|l| l.from_int8)
-        }) && self.head.from_int8
+        self.linears().all(|l| l.from_int8)
+    }
+
+    /// int8 weight bytes a decode step reads (every projection once).
+    pub fn streamed_bytes(&self) -> usize {
+        self.linears().map(|l| l.w.weight_bytes()).sum()
     }
 
     pub fn new_work(&self, arena: KvArena, context: usize) -> Work {
@@ -255,12 +263,13 @@ impl Gpt2 {
             b.ln2.apply_layer(x, hb);
             let ff = &mut big[..n * self.ff];
             run_linear(k, &b.fc, &hb[..n * h], group, qr, ff, par);
-            let gelu = if self.gelu_tanh {
-                ember_kernels::nn::gelu_tanh
+            // Two calls, not one through a function pointer: each inlines
+            // and vectorizes.
+            if self.gelu_tanh {
+                ember_kernels::nn::map_inplace(ff, ember_kernels::nn::gelu_tanh);
             } else {
-                ember_kernels::nn::gelu
-            };
-            ember_kernels::nn::map_inplace(ff, gelu);
+                ember_kernels::nn::map_inplace(ff, ember_kernels::nn::gelu);
+            }
             run_linear(k, &b.out, ff, group, qr, tmp, par);
             add(x, &tmp[..n * h]);
         }

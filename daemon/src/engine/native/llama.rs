@@ -276,6 +276,11 @@ impl Llama {
         self.linears().all(|l| l.from_int8)
     }
 
+    /// int8 weight bytes a decode step reads (every projection once).
+    pub fn streamed_bytes(&self) -> usize {
+        self.linears().map(|l| l.w.weight_bytes()).sum()
+    }
+
     pub fn new_work(&self, arena: KvArena, context: usize) -> Work {
         let kvd = self.heads.kv_heads * self.heads.head_dim;
         let wide = (self.hidden + 2 * kvd).max(2 * self.ff);

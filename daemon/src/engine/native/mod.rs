@@ -116,6 +116,10 @@ impl Net {
         each_net!(self, m => m.all_int8())
     }
 
+    fn streamed_bytes(&self) -> usize {
+        each_net!(self, m => m.streamed_bytes())
+    }
+
     fn new_work(&self, arena: KvArena, context: usize) -> ops::Work {
         each_net!(self, m => m.new_work(arena, context))
     }
@@ -339,6 +343,14 @@ impl Backend for NativeBackend {
 
     fn vocab_size(&self) -> usize {
         self.net.vocab()
+    }
+
+    fn footprint(&self) -> Option<super::Footprint> {
+        Some(super::Footprint {
+            weight_bytes: self.weight_bytes,
+            bytes_per_token: self.net.streamed_bytes(),
+            kv_bytes: self.kv_bytes,
+        })
     }
 
     fn new_state(&self) -> Result<SeqState, EngineError> {
