@@ -1,6 +1,8 @@
-//! The Llama family (Llama, SmolLM, TinyLlama, Qwen2 without biases): token
-//! embeddings only, RMSNorm, rotary positions (rotate-half), grouped-query
-//! attention, SwiGLU MLP, untied head.
+//! The Llama family (Llama, SmolLM, TinyLlama): token embeddings only,
+//! RMSNorm, rotary positions (rotate-half), grouped-query attention, SwiGLU
+//! MLP, and an output head read as a matrix of its own (tied to the
+//! embeddings or not). Projection biases are applied where the graph adds
+//! them.
 
 use ember_kernels::gemv::Parallel;
 use ember_kernels::nn::{self, Rope, RopeLayout};
