@@ -177,24 +177,14 @@ impl Gpt2 {
 
     /// Bytes of weights held (packed int8 plus floats).
     pub fn weight_bytes(&self) -> usize {
-        let lin = |l: &Linear| l.w.memory_bytes() + 4 * l.bias.as_ref().map_or(0, |b| b.len());
         let norm = |n: &Norm| 8 * n.gamma.len();
-        self.wte.bytes()
-            + self.wpe.bytes()
-            + lin(&self.head)
-            + norm(&self.ln_f)
-            + self
-                .blocks
-                .iter()
-                .map(|b| {
-                    lin(&b.attn)
-                        + lin(&b.proj)
-                        + lin(&b.fc)
-                        + lin(&b.out)
-                        + norm(&b.ln1)
-                        + norm(&b.ln2)
-                })
-                .sum::<usize>()
+        let norms: usize = self
+            .blocks
+            .iter()
+            .map(|b| norm(&b.ln1) + norm(&b.ln2))
+            .sum();
+        let lin: usize = self.linears().map(Linear::bytes).sum();
+        self.wte.bytes() + self.wpe.bytes() + lin + norm(&self.ln_f) + norms
     }
 
     fn linears(&self) -> impl Iterator<Item = &Linear> {

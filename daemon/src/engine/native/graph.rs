@@ -255,6 +255,13 @@ pub struct Linear {
     pub from_int8: bool,
 }
 
+impl Linear {
+    /// Bytes held: packed weights with their sums and scales, and the bias.
+    pub fn bytes(&self) -> usize {
+        self.w.memory_bytes() + 4 * self.bias.as_ref().map_or(0, |b| b.len())
+    }
+}
+
 /// A matched product: float input, float output before the bias, packed
 /// weights, whether they were int8 in the file.
 type Matched = (String, String, PackedI8, bool);

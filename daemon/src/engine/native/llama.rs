@@ -265,10 +265,7 @@ impl Llama {
 
     /// Bytes of weights held (packed int8 plus floats).
     pub fn weight_bytes(&self) -> usize {
-        let lin: usize = self
-            .linears()
-            .map(|l| l.w.memory_bytes() + 4 * l.bias.as_ref().map_or(0, |b| b.len()))
-            .sum();
+        let lin: usize = self.linears().map(Linear::bytes).sum();
         let norms = 4 * self.hidden * (2 * self.blocks.len() + 1);
         self.embed.bytes() + lin + norms
     }
