@@ -5,7 +5,7 @@
 #     detection must pick, so a run cannot pass by silently using only the
 #     scalar path;
 #  2. end to end: `emberd generate` (greedy, 32 tokens) on each demo model (kjv-gpt2
-#     on the native engine, kjv-lstm on tract) and
+#     on the native engine, kjv-lstm on both engines) and
 #     prompt must print exactly the token ids and text of the x86_64 build.
 #
 #   cross/test.sh aarch64-unknown-linux-gnu       # Cortex-A72 (Pi 4) and A76 (Pi 5)
@@ -40,8 +40,8 @@ summary() {
 }
 fail=0
 # kjv-gpt2 on the native int8 engine (forced: a load that fell back to tract
-# would fail instead of passing unnoticed), kjv-lstm on tract.
-for model in kjv-gpt2:native kjv-lstm:tract; do
+# would fail instead of passing unnoticed), kjv-lstm on each engine.
+for model in kjv-gpt2:native kjv-lstm:native kjv-lstm:tract; do
     backend=${model#*:}
     model=${model%%:*}
     for prompt in "And God said" "In the beginning God created" "起初，神创造天地。"; do
@@ -51,9 +51,9 @@ for model in kjv-gpt2:native kjv-lstm:tract; do
             cpu=${run%%:*}
             got=$(EMBER_LOG=error "$qemu" -cpu "$cpu" -L "$sysroot" "$bin" "${args[@]}" | summary)
             if [ "$got" = "$want" ]; then
-                echo "ok   $model on $cpu: $prompt"
+                echo "ok   $model ($backend) on $cpu: $prompt"
             else
-                echo "FAIL $model on $cpu: $prompt"
+                echo "FAIL $model ($backend) on $cpu: $prompt"
                 echo "  x86_64: $want"
                 echo "  $cpu: $got"
                 fail=1

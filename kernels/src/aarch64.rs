@@ -25,12 +25,32 @@ pub(crate) fn plug(k: &mut Kernels, limit: Isa) {
         k.dot_u8i8 = dot_u8i8_neon;
         k.dot_i8i8 = dot_i8i8_neon;
         k.tile_u8i8 = tile_u8i8_neon;
+        k.panel_f32 = panel_f32_neon;
     }
     if limit.allows(Isa::NeonDot) && has_dotprod() {
         k.isa = Isa::NeonDot;
         k.dot_u8i8 = dot_u8i8_dotprod;
         k.dot_i8i8 = dot_i8i8_dotprod;
         k.tile_u8i8 = tile_u8i8_dotprod;
+    }
+}
+
+kernel! { panel_f32:
+    /// The panel product on NEON, one row at a time: 16 q-register
+    /// accumulators and 16 for the weights fill the 32 (the generic
+    /// four-row body would spill).
+    pub fn panel_f32_neon = float::panel, isa = "NEON", when = has_neon();
+}
+
+/// The float kernels: the generic lane-wise bodies with NEON's register budget.
+mod float {
+    use crate::generic::panel_rows;
+
+    /// # Safety
+    /// The CPU must support NEON.
+    #[target_feature(enable = "neon")]
+    pub(super) unsafe fn panel(xs: &[&[f32]], panel: &[f32], out: &mut [f32]) {
+        panel_rows(xs, panel, out, 1)
     }
 }
 

@@ -206,3 +206,21 @@ pub(crate) fn pv_f32(f: fn(&[f32], f32, &[f32], &mut [f32])) {
         },
     );
 }
+
+/// The panel product: every ISA equals the reference bit for bit, for 1–4
+/// rows (the AVX2 copy takes them two at a time).
+pub(crate) fn panel_f32(f: fn(&[&[f32]], &[f32], &mut [f32])) {
+    use crate::generic::PANEL;
+    run(
+        (0usize..40, 1usize..5)
+            .prop_flat_map(|(n, b)| (f32s(n * b), f32s(n * PANEL), f32s(b * PANEL), Just((n, b)))),
+        |(x, panel, out, (n, b))| {
+            let xs: Vec<&[f32]> = (0..b).map(|i| &x[i * n..(i + 1) * n]).collect();
+            let (mut a, mut b) = (out.clone(), out);
+            f(&xs, &panel, &mut a);
+            generic::panel_f32(&xs, &panel, &mut b);
+            prop_assert_eq!(a, b);
+            Ok(())
+        },
+    );
+}

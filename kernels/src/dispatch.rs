@@ -153,6 +153,8 @@ pub struct Kernels {
     pub qk_f32: fn(&[f32], &[f32], f32, &mut [f32]),
     /// Attention's weighted sum of a block of values, see [`generic::pv_f32`].
     pub pv_f32: fn(&[f32], f32, &[f32], &mut [f32]),
+    /// A float product on a panel of 64 columns for 1–4 rows, see [`generic::panel_f32`].
+    pub panel_f32: fn(&[&[f32]], &[f32], &mut [f32]),
 }
 
 impl Kernels {
@@ -167,6 +169,7 @@ impl Kernels {
             block_u8i8: generic::block_u8i8,
             qk_f32: generic::qk_f32,
             pv_f32: generic::pv_f32,
+            panel_f32: generic::panel_f32,
         }
     }
 

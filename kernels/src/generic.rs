@@ -171,6 +171,71 @@ pub fn check_pv(p: &[f32], vals: &[f32], out: &[f32]) {
     );
 }
 
+/// Columns of a float panel ([`panel_f32`]): four groups of 16 lanes.
+pub const PANEL: usize = 64;
+
+/// Panics unless `xs` holds 1–4 rows of one length `n`, `panel` is
+/// `n × PANEL` and `out` is `xs.len() × PANEL` (for [`panel_f32`]). Returns `n`.
+pub fn check_panel(xs: &[&[f32]], panel: &[f32], out: &[f32]) -> usize {
+    assert!((1..=4).contains(&xs.len()), "1 to 4 rows");
+    let n = xs[0].len();
+    assert!(xs.iter().all(|x| x.len() == n), "rows of different lengths");
+    assert_eq!(panel.len(), n * PANEL, "panel is not n × PANEL");
+    assert_eq!(out.len(), xs.len() * PANEL, "out is not rows × PANEL");
+    n
+}
+
+/// A float matrix product on a panel of [`PANEL`] columns stored row after
+/// row (`panel[k]` holds column weights for input `k`):
+/// `out[b][j] += Σ_k xs[b][k] · panel[k][j]`, added to `out` in `k` order.
+/// Each weight row is read once for all of `xs` (up to 4 rows), with no
+/// horizontal sums: the product of a recurrent layer's weights, packed by
+/// unit group.
+pub fn panel_f32(xs: &[&[f32]], panel: &[f32], out: &mut [f32]) {
+    check_panel(xs, panel, out);
+    panel_rows(xs, panel, out, 4)
+}
+
+/// [`panel_body`] over `xs` in groups of at most `most` rows (as many
+/// accumulators as an ISA's registers hold); rows are independent, so the
+/// grouping does not change results.
+#[inline(always)]
+pub(crate) fn panel_rows(xs: &[&[f32]], panel: &[f32], out: &mut [f32], most: usize) {
+    for (xs, out) in xs.chunks(most).zip(out.chunks_mut(most * PANEL)) {
+        match xs.len() {
+            1 => panel_body::<1>(xs, panel, out),
+            2 => panel_body::<2>(xs, panel, out),
+            3 => panel_body::<3>(xs, panel, out),
+            _ => panel_body::<4>(xs, panel, out),
+        }
+    }
+}
+
+/// The body of [`panel_f32`] for `B` rows: `B × PANEL` accumulators, one
+/// multiply and one add per weight and row (never fused, so every ISA's copy
+/// gives the same bits).
+#[inline(always)]
+pub(crate) fn panel_body<const B: usize>(xs: &[&[f32]], panel: &[f32], out: &mut [f32]) {
+    let n = panel.len() / PANEL;
+    let xs: [&[f32]; B] = std::array::from_fn(|b| &xs[b][..n]);
+    let mut acc = [[0f32; PANEL]; B];
+    for (a, o) in acc.iter_mut().zip(out.chunks_exact(PANEL)) {
+        a.copy_from_slice(o);
+    }
+    for (k, w) in panel.chunks_exact(PANEL).enumerate() {
+        let w: &[f32; PANEL] = w.try_into().expect("chunks_exact");
+        for b in 0..B {
+            let x = xs[b][k];
+            for j in 0..PANEL {
+                acc[b][j] += x * w[j];
+            }
+        }
+    }
+    for (a, o) in acc.iter().zip(out.chunks_exact_mut(PANEL)) {
+        o.copy_from_slice(a);
+    }
+}
+
 /// Lanes of the float kernels' accumulators. Every ISA runs the same
 /// lane-wise code (Rust never fuses or reorders float operations), so the
 /// results are bit-identical across ISAs, like the integer kernels'.

@@ -10,7 +10,7 @@
 ///           pub fn NAME = IMPL, isa = "what it needs", when = PREDICATE; }
 /// ```
 ///
-/// The kind (`dot_u8i8`, `dot_i8i8`, `tile_u8i8`, `block_u8i8`, `qk_f32`, `pv_f32`) picks the signature, the
+/// The kind (`dot_u8i8`, `dot_i8i8`, `tile_u8i8`, `block_u8i8`, `qk_f32`, `pv_f32`, `panel_f32`) picks the signature, the
 /// precondition check from [`crate::generic`] and the property test from
 /// `crate::check`. The generated `NAME` asserts the preconditions and the CPU
 /// predicate (a caller that skipped detection gets a panic, never undefined
@@ -89,6 +89,17 @@ macro_rules! kernel {
             unsafe { $imp(p, scale, vals, out) }
         }
         kernel!(@test $name, $pred, pv_f32);
+    };
+    (panel_f32: $(#[$doc:meta])* pub fn $name:ident = $imp:path, isa = $isa:expr, when = $pred:expr;) => {
+        $(#[$doc])*
+        pub fn $name(xs: &[&[f32]], panel: &[f32], out: &mut [f32]) {
+            crate::generic::check_panel(xs, panel, out);
+            assert!($pred, concat!(stringify!($name), " needs a CPU with ", $isa));
+            // SAFETY: the CPU features `$imp` needs were checked just above; the
+            // body is safe, bounds-checked Rust.
+            unsafe { $imp(xs, panel, out) }
+        }
+        kernel!(@test $name, $pred, panel_f32);
     };
     (@test $name:ident, $pred:expr, $check:ident) => {
         #[cfg(test)]

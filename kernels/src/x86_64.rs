@@ -19,6 +19,7 @@ pub(crate) fn plug(k: &mut Kernels, limit: Isa) {
         k.isa = Isa::Avx2;
         k.qk_f32 = qk_f32_avx2;
         k.pv_f32 = pv_f32_avx2;
+        k.panel_f32 = panel_f32_avx2;
         k.dot_u8i8 = dot_u8i8_avx2;
         k.dot_i8i8 = dot_i8i8_avx2;
         k.tile_u8i8 = tile_u8i8_avx2;
@@ -32,6 +33,7 @@ pub(crate) fn plug(k: &mut Kernels, limit: Isa) {
         k.layout = Layout::Blocks;
         k.qk_f32 = qk_f32_avx512;
         k.pv_f32 = pv_f32_avx512;
+        k.panel_f32 = panel_f32_avx512;
     }
 }
 
@@ -55,11 +57,37 @@ kernel! { pv_f32:
     pub fn pv_f32_avx512 = float::pv_avx512, isa = "AVX-512 F, BW and VNNI", when = has_avx512vnni();
 }
 
+kernel! { panel_f32:
+    /// The panel product with 256-bit vectors, two rows at a time (16
+    /// accumulators in the 16 ymm registers).
+    pub fn panel_f32_avx2 = float::panel_avx2, isa = "AVX2 and FMA", when = has_avx2();
+}
+
+kernel! { panel_f32:
+    /// The panel product with 512-bit vectors, four rows at a time (16 zmm
+    /// accumulators, four weight loads per input).
+    pub fn panel_f32_avx512 = float::panel_avx512, isa = "AVX-512 F, BW and VNNI", when = has_avx512vnni();
+}
+
 /// The float kernels: the generic lane-wise bodies, compiled with wider
 /// vectors. No FMA contraction happens (Rust does not fuse `a * b + c`), so
 /// results equal the reference bit for bit.
 mod float {
-    use crate::generic::{pv_body, qk_body};
+    use crate::generic::{panel_rows, pv_body, qk_body};
+
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn panel_avx2(xs: &[&[f32]], panel: &[f32], out: &mut [f32]) {
+        panel_rows(xs, panel, out, 2)
+    }
+
+    /// # Safety
+    /// The CPU must support AVX-512 F.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn panel_avx512(xs: &[&[f32]], panel: &[f32], out: &mut [f32]) {
+        panel_rows(xs, panel, out, 4)
+    }
 
     /// # Safety
     /// The CPU must support AVX2 and FMA.

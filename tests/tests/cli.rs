@@ -144,7 +144,7 @@ fn bench_prints_the_documented_keys() {
         args.extend(extra);
         json(emberd(&args))
     };
-    let v = bench("kjv-lstm", &["--runs", "2"]);
+    let v = bench("kjv-lstm", &["--runs", "2", "--backend", "tract"]);
     for k in ["load_ms", "prefill_ms", "ttft_ms", "decode_tokens_per_s"] {
         assert!(v[k].as_f64().unwrap() > 0.0, "{k} in {v}");
     }
@@ -166,6 +166,13 @@ fn bench_prints_the_documented_keys() {
     assert_eq!(v["bytes_per_token"], per_token);
     assert!(v["weight_bytes"].as_u64().unwrap() >= per_token);
     assert!(v["kv_bytes"].as_u64().unwrap() > 0);
+
+    // The LSTM on the native engine: fp32 gate weights (2 layers, W and R of
+    // 1024 × 256 each) and the int8 head; no KV cache.
+    let v = bench("kjv-lstm", &["--runs", "1"]);
+    assert_eq!(v["backend"], "native");
+    assert_eq!(v["bytes_per_token"], 2 * 2 * 4 * 1024 * 256 + 4096 * 256);
+    assert_eq!(v["kv_bytes"], 0);
 }
 
 #[test]

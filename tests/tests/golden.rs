@@ -96,7 +96,12 @@ fn kjv_gpt2_native_matches_onnxruntime() {
 
 #[test]
 fn kjv_lstm_matches_onnxruntime() {
-    check("kjv-lstm", true);
+    check_on("kjv-lstm", true, BackendChoice::Tract);
+}
+
+#[test]
+fn kjv_lstm_native_matches_onnxruntime() {
+    check_on("kjv-lstm", true, BackendChoice::Native);
 }
 
 #[test]

@@ -12,6 +12,10 @@ use rumqttc::v5::mqttbytes::v5::PublishProperties;
 use rumqttc::v5::mqttbytes::QoS;
 use serde_json::{json, Value};
 
+/// Two models: kjv-gpt2 on the native engine, kjv-lstm on tract, where it
+/// decodes slowly (about 700 tokens/s in a debug build) so that a long
+/// request reliably holds its slot while a test queues, cancels or expires
+/// others behind it.
 fn config(broker: &str, device: &str, extra: &str) -> String {
     format!(
         r#"
@@ -23,6 +27,7 @@ max_batch = 8
 max_queue = 64
 [models.kjv-lstm]
 path = "MODELS/kjv-lstm"
+backend = "tract"
 max_batch = 8
 max_queue = 64
 [mqtt]

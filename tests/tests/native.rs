@@ -65,13 +65,13 @@ fn auto_picks_native_where_it_applies_and_tract_elsewhere() {
             .name(),
         "native"
     );
-    // Families and quantizations it does not run stay on tract.
-    for name in [
-        "kjv-lstm",
-        "tiny-llama-gqa",
-        "tiny-gpt2-qdq",
-        "tiny-gpt2-qoperator",
-    ] {
+    // And LSTM language models.
+    assert_eq!(
+        load("kjv-lstm", BackendChoice::Auto, 1).backend.name(),
+        "native"
+    );
+    // Quantizations it does not run stay on tract.
+    for name in ["tiny-llama-gqa", "tiny-gpt2-qdq", "tiny-gpt2-qoperator"] {
         assert_eq!(
             load(name, BackendChoice::Auto, 1).backend.name(),
             "tract",
@@ -90,13 +90,6 @@ fn auto_picks_native_where_it_applies_and_tract_elsewhere() {
         e.contains("native engine cannot run") && e.contains("attention"),
         "{e}"
     );
-    let e = Model::load(&model("kjv-lstm"), &opts)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("native engine cannot run") && e.contains("LSTM"),
-        "{e}"
-    );
 }
 
 /// 32 greedy tokens equal tract's, logits within 0.1 of tract's (see
@@ -104,7 +97,7 @@ fn auto_picks_native_where_it_applies_and_tract_elsewhere() {
 /// golden prompts and the English/Chinese prompts of the cross tests.
 #[test]
 fn native_greedy_equals_tract() {
-    for name in ["kjv-gpt2", "tiny-llama-gqa-int8"] {
+    for name in ["kjv-gpt2", "tiny-llama-gqa-int8", "kjv-lstm"] {
         let n = load(name, BackendChoice::Native, 1);
         let t = load(name, BackendChoice::Tract, 1);
         let mut prompts: Vec<Vec<u32>> = golden(&model(name))
@@ -137,7 +130,7 @@ fn native_greedy_equals_tract() {
 /// (each at a different length), and a prompt fed in pieces equals one fed whole.
 #[test]
 fn native_batch_invariance() {
-    for name in ["kjv-gpt2", "tiny-llama-gqa-int8"] {
+    for name in ["kjv-gpt2", "tiny-llama-gqa-int8", "kjv-lstm"] {
         batch_invariance(name);
     }
 }
@@ -205,7 +198,11 @@ fn batch_invariance(name: &str) {
 fn native_all_logits_match_tract() {
     // The tiny Llama is random: its logits are near ties everywhere, so it is
     // compared within one chunk (quantized exactly as tract does).
-    for (name, len) in [("kjv-gpt2", 150), ("tiny-llama-gqa-int8", 64)] {
+    for (name, len) in [
+        ("kjv-gpt2", 150),
+        ("tiny-llama-gqa-int8", 64),
+        ("kjv-lstm", 150),
+    ] {
         all_logits_match_tract(name, len);
     }
 }

@@ -6,7 +6,10 @@ use std::time::{Duration, Instant};
 use ember_tests::{curl, emberd, Daemon};
 use serde_json::json;
 
-/// Both demo models, small limits so the tests can fill them.
+/// Both demo models, small limits so the tests can fill them. kjv-lstm runs
+/// on tract, where it decodes slowly (about 700 tokens/s in a debug build),
+/// so a long request reliably holds its slot while a test queues, cancels,
+/// drains or reloads around it; kjv-gpt2 runs on the native engine.
 fn config(max_batch: usize, max_queue: usize, timeout: f64) -> String {
     format!(
         r#"
@@ -23,6 +26,7 @@ request_timeout_secs = {timeout}
 
 [models.kjv-lstm]
 path = "MODELS/kjv-lstm"
+backend = "tract"
 max_batch = {max_batch}
 max_queue = {max_queue}
 request_timeout_secs = {timeout}

@@ -59,6 +59,7 @@ pub struct SeqState {
 pub(crate) enum Inner {
     Tract(tract::TractState),
     Native(native::NativeState),
+    Rnn(native::RnnState),
 }
 
 /// Whether a forward pass returns logits for every position or the last only.
@@ -158,6 +159,8 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         }
     }
 
+    /// [`Backend::forward`] with time accounted per operator; the default
+    /// accounts the whole pass as one ("native forward").
     fn forward_profiled(
         &self,
         state: &mut SeqState,
@@ -165,7 +168,12 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         which: Logits,
         out: &mut Vec<f32>,
         profile: &mut Profile,
-    ) -> Result<(), EngineError>;
+    ) -> Result<(), EngineError> {
+        let t0 = Instant::now();
+        let r = self.forward(state, tokens, which, out);
+        profile.add(&format!("{} forward", self.name()), t0.elapsed());
+        r
+    }
 }
 
 /// Wall time per operator kind, accumulated over profiled forward passes.
@@ -322,20 +330,20 @@ fn choose_backend(
         return Ok(Box::new(tract));
     }
     let t0 = Instant::now();
-    let native = native::NativeBackend::load(dir, proto, tract.family(), opts)
-        .and_then(|n| n.check_against(&tract).map(|diff| (n, diff)));
+    let native = native::load(dir, proto, tract.family(), opts)
+        .and_then(|n| native::check_against(&*n.backend, &tract).map(|diff| (n, diff)));
     match native {
         Ok((n, diff)) => {
             tracing::info!(
                 model = %dir.root.display(),
-                weights_mib = n.weight_bytes() as f64 / (1 << 20) as f64,
-                kv_cache_mib = n.kv_bytes() as f64 / (1 << 20) as f64,
-                int8_file = n.from_int8(),
+                weights_mib = n.weight_bytes as f64 / (1 << 20) as f64,
+                kv_cache_mib = n.kv_bytes as f64 / (1 << 20) as f64,
+                int8_file = n.from_int8,
                 max_logit_diff = diff,
                 pack_and_probe_ms = t0.elapsed().as_millis() as u64,
                 "native engine"
             );
-            Ok(Box::new(n))
+            Ok(n.backend)
         }
         Err(reason) if opts.backend == BackendChoice::Native => Err(ModelError::NotNative {
             path: dir.onnx.clone(),

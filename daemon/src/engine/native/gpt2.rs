@@ -7,7 +7,7 @@ use ember_kernels::Kernels;
 use super::graph::{attr, Graph, Linear, Unrecognized};
 use super::kv::{KvArena, KvShape};
 use super::ops::{
-    add, attend_rows, head_logits, run_linear, store_kv, Embedding, Heads, Norm, Work,
+    add, attend_rows, job_logits, run_linear, store_kv, Embedding, Heads, Norm, Work,
 };
 use super::{Job, Row};
 use crate::model::DecoderIo;
@@ -266,6 +266,6 @@ impl Gpt2 {
             add(x, &tmp[..n * h]);
         }
         self.ln_f.apply_layer(x, hb);
-        head_logits(k, &self.head, &hb[..n * h], rows, jobs, qr, logits, par);
+        job_logits(k, &self.head, &hb[..n * h], rows, jobs, qr, logits, par);
     }
 }

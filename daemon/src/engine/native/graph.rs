@@ -160,6 +160,15 @@ impl<'a> Graph<'a> {
         Ok((shape, vals))
     }
 
+    /// A constant integer tensor (shapes, slice bounds, axes), as i64s.
+    pub fn ints(&self, name: &str) -> Option<Vec<i64>> {
+        let t = self.tensor_proto(name)?;
+        let resolver = tract_onnx::data_resolver::default();
+        let t = tract_onnx::tensor::load_tensor(&*resolver, t, Some(&self.dir)).ok()?;
+        let t = t.cast_to::<i64>().ok()?;
+        slice::<i64>(&t).ok()
+    }
+
     /// A constant float tensor.
     pub fn f32s(&self, name: &str) -> Result<Vec<f32>, Unrecognized> {
         match self.konst(name)?.1 {

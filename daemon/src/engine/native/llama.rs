@@ -11,7 +11,7 @@ use ember_kernels::Kernels;
 use super::graph::{Graph, Linear, Unrecognized, Values};
 use super::kv::{KvArena, KvShape};
 use super::ops::{
-    add, attend_rows, head_logits, product, run_linear, store_kv, Embedding, Heads, Work,
+    add, attend_rows, job_logits, product, run_linear, store_kv, Embedding, Heads, Work,
 };
 use super::{Job, Row};
 use crate::model::DecoderIo;
@@ -353,7 +353,7 @@ impl Llama {
             add(x, &tmp[..n * h]);
         }
         self.norm.apply(x, hb);
-        head_logits(k, &self.head, &hb[..n * h], rows, jobs, qr, logits, par);
+        job_logits(k, &self.head, &hb[..n * h], rows, jobs, qr, logits, par);
     }
 }
 

@@ -17,16 +17,17 @@ mod gpt2;
 mod graph;
 mod kv;
 mod llama;
+mod lstm;
 mod ops;
 mod pool;
 
 use std::sync::{Arc, Mutex};
 
-use ember_kernels::gemv::{Parallel, Serial};
+use ember_kernels::gemv::Parallel;
 use ember_kernels::Kernels;
 use tract_onnx::pb;
 
-use super::{Backend, BatchItem, EngineError, LoadOptions, Logits, Profile, SeqState};
+use super::{Backend, BatchItem, EngineError, LoadOptions, Logits, SeqState};
 use crate::model::{Family, ModelDir};
 use kv::{BlockPool, KvArena, SeqBlocks};
 use ops::MAX_ROWS;
@@ -56,10 +57,141 @@ pub(crate) struct Row {
     want: bool,
 }
 
+impl Sequence for Job<'_> {
+    fn past(&self) -> usize {
+        self.past
+    }
+    fn tokens(&self) -> &[u32] {
+        self.tokens
+    }
+    fn all(&self) -> bool {
+        self.all
+    }
+    fn out(&mut self) -> &mut Vec<f32> {
+        self.out
+    }
+}
+
+/// What the chunking loop needs of one sequence's part of a step.
+pub(crate) trait Sequence {
+    /// Positions already computed.
+    fn past(&self) -> usize;
+    fn tokens(&self) -> &[u32];
+    /// Logits for every position (else the last only).
+    fn all(&self) -> bool;
+    fn out(&mut self) -> &mut Vec<f32>;
+}
+
+/// Size each job's output, then cut the jobs' tokens into chunks of at most
+/// [`MAX_ROWS`] rows, in order (a sequence's rows stay consecutive), and
+/// run `chunk` on each.
+fn run_chunks<J: Sequence>(jobs: &mut [J], vocab: usize, mut chunk: impl FnMut(&[Row], &mut [J])) {
+    for j in jobs.iter_mut() {
+        let n = if j.all() { j.tokens().len() } else { 1 };
+        let out = j.out();
+        out.clear();
+        out.resize(n * vocab, 0.0);
+    }
+    let mut rows: heapless::Vec<Row, MAX_ROWS> = heapless::Vec::new();
+    let (mut j, mut t) = (0, 0);
+    while j < jobs.len() {
+        rows.clear();
+        while !rows.is_full() && j < jobs.len() {
+            let job = &jobs[j];
+            let _ = rows.push(Row {
+                job: j,
+                pos: job.past() + t,
+                token: job.tokens()[t],
+                t,
+                want: job.all() || t + 1 == job.tokens().len(),
+            });
+            t += 1;
+            if t == job.tokens().len() {
+                (j, t) = (j + 1, 0);
+            }
+        }
+        chunk(&rows, jobs);
+    }
+}
+
+/// Refuse an empty feed or a token outside the vocabulary.
+fn check_tokens(tokens: &[u32], vocab: usize) -> Result<(), EngineError> {
+    if tokens.is_empty() {
+        return Err(EngineError::EmptyPrompt);
+    }
+    match tokens.iter().find(|&&t| t as usize >= vocab) {
+        Some(&bad) => Err(EngineError::BadToken(bad, vocab)),
+        None => Ok(()),
+    }
+}
+
 /// The native sequence state: its KV blocks (returned to the arena on drop).
 #[derive(Debug)]
 pub struct NativeState {
     blocks: SeqBlocks,
+}
+
+/// A recurrent sequence's state on the native engine: each layer's hidden
+/// and cell vectors.
+#[derive(Debug)]
+pub struct RnnState {
+    hc: Vec<f32>,
+}
+
+/// A native backend of either kind, with what the load log reports.
+#[derive(Debug)]
+pub struct Loaded {
+    pub backend: Box<dyn Backend>,
+    /// Bytes of packed weights.
+    pub weight_bytes: usize,
+    /// Bytes of the KV arena (0 for recurrent models).
+    pub kv_bytes: usize,
+    /// Whether the file's projections were int8 (false: some quantized at
+    /// load, or run in float).
+    pub from_int8: bool,
+}
+
+/// Read a recognised graph's weights for the native engine; `Err` says why
+/// it is not one.
+pub fn load(
+    dir: &ModelDir,
+    proto: &pb::ModelProto,
+    family: &Family,
+    opts: &LoadOptions,
+) -> Result<Loaded, Unrecognized> {
+    match family {
+        Family::Decoder(_) => {
+            let n = NativeBackend::load(dir, proto, family, opts)?;
+            Ok(Loaded {
+                weight_bytes: n.weight_bytes,
+                kv_bytes: n.kv_bytes,
+                from_int8: n.net.all_int8(),
+                backend: Box::new(n),
+            })
+        }
+        Family::Lstm(io) => {
+            let g = graph::Graph::new(proto, &dir.root);
+            let net = lstm::Lstm::recognize(&g, io, opts.quantize_fp32)?;
+            let n = lstm::LstmBackend::new(family.clone(), net, spin_pool(opts)?);
+            Ok(Loaded {
+                weight_bytes: n.weight_bytes(),
+                kv_bytes: 0,
+                from_int8: false,
+                backend: Box::new(n),
+            })
+        }
+    }
+}
+
+/// The worker pool for `--threads` above 1.
+fn spin_pool(opts: &LoadOptions) -> Result<Option<pool::SpinPool>, Unrecognized> {
+    let threads = opts.threads.max(opts.batch_threads);
+    if threads <= 1 {
+        return Ok(None);
+    }
+    pool::SpinPool::new(threads, "ember-native")
+        .map(Some)
+        .map_err(|e| format!("cannot start threads: {e}"))
 }
 
 #[derive(Debug)]
@@ -159,12 +291,10 @@ impl NativeBackend {
         opts: &LoadOptions,
     ) -> Result<NativeBackend, Unrecognized> {
         let g = graph::Graph::new(proto, &dir.root);
-        let net = match family {
-            Family::Decoder(io) => {
-                Net::recognize(&g, io, dir.context_length(), opts.quantize_fp32)?
-            }
-            Family::Lstm(_) => return Err("LSTM models are not native yet".into()),
+        let Family::Decoder(io) = family else {
+            return Err("not a decoder".into());
         };
+        let net = Net::recognize(&g, io, dir.context_length(), opts.quantize_fp32)?;
         let (shape, max_pos) = (net.kv_shape(), net.max_positions());
         let context = dir.context_length().unwrap_or(max_pos).min(max_pos);
         let seqs = opts.max_seqs.max(1);
@@ -173,15 +303,7 @@ impl NativeBackend {
         let kv_bytes = arena.bytes();
         let weight_bytes = net.weight_bytes();
         let work = net.new_work(arena, context);
-        let threads = opts.threads.max(opts.batch_threads);
-        let threads = if threads > 1 {
-            Some(
-                pool::SpinPool::new(threads, "ember-native")
-                    .map_err(|e| format!("cannot start threads: {e}"))?,
-            )
-        } else {
-            None
-        };
+        let threads = spin_pool(opts)?;
         Ok(NativeBackend {
             family: family.clone(),
             net,
@@ -195,82 +317,13 @@ impl NativeBackend {
         })
     }
 
-    /// Bytes of packed weights.
-    pub fn weight_bytes(&self) -> usize {
-        self.weight_bytes
-    }
-
-    /// Bytes of the KV arena.
-    pub fn kv_bytes(&self) -> usize {
-        self.kv_bytes
-    }
-
-    /// Whether the file's weights were int8 (false: quantized at load).
-    pub fn from_int8(&self) -> bool {
-        self.net.all_int8()
-    }
-
-    /// Compare with `reference` on a probe sequence: prefill of 10 tokens, then
-    /// 3 decode steps. Returns the largest logit difference relative to the
-    /// largest logit magnitude, or why they disagree.
-    pub fn check_against(&self, reference: &dyn Backend) -> Result<f32, String> {
-        let vocab = self.vocab_size();
-        if reference.vocab_size() != vocab {
-            return Err(format!(
-                "vocabulary {vocab} vs tract's {}",
-                reference.vocab_size()
-            ));
-        }
-        let probe: Vec<u32> = (0..13u32).map(|i| (i * 7919 + 13) % vocab as u32).collect();
-        let (mut a, mut b) = (
-            self.new_state().map_err(|e| e.to_string())?,
-            reference.new_state().map_err(|e| e.to_string())?,
-        );
-        let (mut la, mut lb) = (vec![], vec![]);
-        let mut worst = 0f32;
-        for part in [&probe[..10], &probe[10..11], &probe[11..12], &probe[12..13]] {
-            self.forward(&mut a, part, Logits::All, &mut la)
-                .map_err(|e| e.to_string())?;
-            reference
-                .forward(&mut b, part, Logits::All, &mut lb)
-                .map_err(|e| e.to_string())?;
-            let scale = lb.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
-            let diff = la
-                .iter()
-                .zip(&lb)
-                .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-            worst = worst.max(diff / scale);
-            let argmax = crate::sample::argmax;
-            if argmax(&la[la.len() - vocab..]) != argmax(&lb[lb.len() - vocab..]) {
-                return Err("the most likely next token differs from tract's".into());
-            }
-        }
-        if worst > PROBE_TOLERANCE {
-            return Err(format!(
-                "logits differ from tract's by {:.1}% of their range (tolerance {:.0}%)",
-                worst * 100.0,
-                PROBE_TOLERANCE * 100.0
-            ));
-        }
-        Ok(worst)
-    }
-
     fn par(&self) -> &dyn Parallel {
-        match &self.threads {
-            Some(p) => p,
-            None => &Serial,
-        }
+        pool::or_serial(&self.threads)
     }
 
     /// Check an item and reserve its blocks.
     fn prepare(&self, state: &mut SeqState, tokens: &[u32]) -> Result<(), EngineError> {
-        if tokens.is_empty() {
-            return Err(EngineError::EmptyPrompt);
-        }
-        let vocab = self.vocab_size();
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
-            return Err(EngineError::BadToken(bad, vocab));
-        }
+        check_tokens(tokens, self.vocab_size())?;
         let end = state.len + tokens.len();
         if end > self.context {
             return Err(EngineError::Run(format!(
@@ -286,35 +339,58 @@ impl NativeBackend {
 
     /// Run validated jobs: rows in chunks of at most [`MAX_ROWS`].
     fn run(&self, jobs: &mut [Job<'_>]) {
-        let vocab = self.vocab_size();
-        for j in jobs.iter_mut() {
-            let n = if j.all { j.tokens.len() } else { 1 };
-            j.out.clear();
-            j.out.resize(n * vocab, 0.0);
-        }
         let mut work = self.work.lock().unwrap_or_else(|e| e.into_inner());
-        let mut rows: heapless::Vec<Row, MAX_ROWS> = heapless::Vec::new();
-        let (mut j, mut t) = (0, 0);
-        while j < jobs.len() {
-            rows.clear();
-            while !rows.is_full() && j < jobs.len() {
-                let job = &jobs[j];
-                let _ = rows.push(Row {
-                    job: j,
-                    pos: job.past + t,
-                    token: job.tokens[t],
-                    t,
-                    want: job.all || t + 1 == job.tokens.len(),
-                });
-                t += 1;
-                if t == job.tokens.len() {
-                    (j, t) = (j + 1, 0);
-                }
-            }
+        run_chunks(jobs, self.vocab_size(), |rows, jobs| {
             self.net
-                .chunk(self.kernels, &mut work, &rows, jobs, self.par());
+                .chunk(self.kernels, &mut work, rows, jobs, self.par())
+        });
+    }
+}
+
+/// Compare a native backend with `reference` on a probe sequence: prefill of 10 tokens, then
+/// 3 decode steps. Returns the largest logit difference relative to the
+/// largest logit magnitude, or why they disagree.
+pub fn check_against(native: &dyn Backend, reference: &dyn Backend) -> Result<f32, String> {
+    let vocab = native.vocab_size();
+    if reference.vocab_size() != vocab {
+        return Err(format!(
+            "vocabulary {vocab} vs tract's {}",
+            reference.vocab_size()
+        ));
+    }
+    let probe: Vec<u32> = (0..13u32).map(|i| (i * 7919 + 13) % vocab as u32).collect();
+    let (mut a, mut b) = (
+        native.new_state().map_err(|e| e.to_string())?,
+        reference.new_state().map_err(|e| e.to_string())?,
+    );
+    let (mut la, mut lb) = (vec![], vec![]);
+    let mut worst = 0f32;
+    for part in [&probe[..10], &probe[10..11], &probe[11..12], &probe[12..13]] {
+        native
+            .forward(&mut a, part, Logits::All, &mut la)
+            .map_err(|e| e.to_string())?;
+        reference
+            .forward(&mut b, part, Logits::All, &mut lb)
+            .map_err(|e| e.to_string())?;
+        let scale = lb.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+        let diff = la
+            .iter()
+            .zip(&lb)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        worst = worst.max(diff / scale);
+        let argmax = crate::sample::argmax;
+        if argmax(&la[la.len() - vocab..]) != argmax(&lb[lb.len() - vocab..]) {
+            return Err("the most likely next token differs from tract's".into());
         }
     }
+    if worst > PROBE_TOLERANCE {
+        return Err(format!(
+            "logits differ from tract's by {:.1}% of their range (tolerance {:.0}%)",
+            worst * 100.0,
+            PROBE_TOLERANCE * 100.0
+        ));
+    }
+    Ok(worst)
 }
 
 /// Largest logit difference from tract accepted at load, relative to the
@@ -433,19 +509,5 @@ impl Backend for NativeBackend {
                 it.state.len += it.tokens.len();
             }
         }
-    }
-
-    fn forward_profiled(
-        &self,
-        state: &mut SeqState,
-        tokens: &[u32],
-        which: Logits,
-        out: &mut Vec<f32>,
-        profile: &mut Profile,
-    ) -> Result<(), EngineError> {
-        let t0 = std::time::Instant::now();
-        let r = self.forward(state, tokens, which, out);
-        profile.add("native forward", t0.elapsed());
-        r
     }
 }

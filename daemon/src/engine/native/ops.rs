@@ -16,7 +16,7 @@ pub const MAX_ROWS: usize = 64;
 
 /// Below this many multiply-adds a product stays on one thread (waking the
 /// others costs more than it saves).
-const PAR_MIN_MACS: usize = 1 << 16;
+pub const PAR_MIN_MACS: usize = 1 << 16;
 
 /// An embedding table, kept as the file stores it and dequantized a row at a time.
 #[derive(Debug)]
@@ -312,10 +312,10 @@ pub fn head_logits(
     head: &Linear,
     x: &[f32],
     rows: &[Row],
-    jobs: &mut [Job<'_>],
     qr: &mut QRows,
     logits: &mut [f32],
     par: &dyn Parallel,
+    mut emit: impl FnMut(&Row, &[f32]),
 ) {
     let xs = qr.quantize_where(x, head.w.cols(), |r| rows[r].job, |r| rows[r].want);
     if xs.is_empty() {
@@ -324,10 +324,27 @@ pub fn head_logits(
     product(k, head, &xs, logits, par);
     let vocab = head.w.rows();
     for (m, row) in rows.iter().filter(|r| r.want).enumerate() {
-        let job = &mut jobs[row.job];
-        let at = if job.all { row.t * vocab } else { 0 };
-        job.out[at..at + vocab].copy_from_slice(&logits[m * vocab..(m + 1) * vocab]);
+        emit(row, &logits[m * vocab..(m + 1) * vocab]);
     }
+}
+
+/// [`head_logits`] writing into the decoder jobs' outputs.
+#[allow(clippy::too_many_arguments)]
+pub fn job_logits(
+    k: &Kernels,
+    head: &Linear,
+    x: &[f32],
+    rows: &[Row],
+    jobs: &mut [Job<'_>],
+    qr: &mut QRows,
+    logits: &mut [f32],
+    par: &dyn Parallel,
+) {
+    head_logits(k, head, x, rows, qr, logits, par, |row, l| {
+        let job = &mut jobs[row.job];
+        let at = if job.all { row.t * l.len() } else { 0 };
+        job.out[at..at + l.len()].copy_from_slice(l);
+    })
 }
 
 /// Layer norm with scale and shift.

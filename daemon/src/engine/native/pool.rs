@@ -12,7 +12,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ember_kernels::gemv::Parallel;
+use ember_kernels::gemv::{Parallel, Serial};
 
 /// How long an idle worker spins before sleeping.
 const SPIN: Duration = Duration::from_micros(200);
@@ -187,6 +187,14 @@ impl Drop for SpinPool {
         for h in self.handles.drain(..) {
             let _ = h.join();
         }
+    }
+}
+
+/// The pool when there is one, else the calling thread alone.
+pub fn or_serial(pool: &Option<SpinPool>) -> &dyn Parallel {
+    match pool {
+        Some(p) => p,
+        None => &Serial,
     }
 }
 

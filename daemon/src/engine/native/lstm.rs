@@ -1,0 +1,711 @@
+//! LSTM language models: an embedding, stacked ONNX `LSTM` layers (gates
+//! i, o, f, c; sigmoid/tanh; no peepholes, no clipping) and an output head.
+//!
+//! Why this shape: a decode step of an LSTM is two matrix-vector products
+//! per layer (input and recurrent weights) followed by the cell's
+//! element-wise update. The products run over weights packed by *unit
+//! group*: the four gates of 16 hidden units sit next to each other, so one
+//! task computes those 64 gate values and updates its 16 units' cell and
+//! hidden state at once, and a step splits over threads by unit groups with
+//! one barrier. The weights stay fp32, as the file holds them (exporters do
+//! not quantize `LSTM`); only the head is int8 when the file's is.
+//!
+//! A prompt's input products run for all its tokens at once (the weights
+//! are read once per chunk); only the recurrent product is step by step.
+
+use std::sync::Mutex;
+
+use ember_kernels::gemv::{Parallel, Serial};
+use ember_kernels::{nn, Kernels};
+
+use super::graph::{attr, Graph, Linear, Unrecognized, Values};
+use super::ops::{head_logits, Embedding, QRows, MAX_ROWS, PAR_MIN_MACS};
+use super::pool::SpinPool;
+use super::{check_tokens, run_chunks, RnnState, Row, Sequence};
+use crate::engine::{Backend, BatchItem, EngineError, Footprint, Inner, Logits, SeqState};
+use crate::model::{Family, LstmIo};
+use tract_onnx::pb;
+
+/// Hidden units per group: the width of the float kernels' accumulators.
+const UNITS: usize = 16;
+
+/// Gate values of one unit group: i, o, f, c for [`UNITS`] units.
+const GATES: usize = 4 * UNITS;
+
+/// Most tasks a step is split into.
+const MAX_PARTS: usize = 64;
+
+/// One gate matrix (`W` or `R`, ONNX `[4·hidden, cols]`, gates i, o, f, c)
+/// packed by unit group for [`Kernels::panel_f32`]: group `q` is a
+/// `[cols][GATES]` panel whose row `k` holds input `k`'s weights into the
+/// four gates of the group's [`UNITS`] units, so a product streams it once,
+/// contiguously, into 64 accumulators per sequence.
+#[derive(Debug)]
+struct Panels {
+    data: Vec<f32>,
+    cols: usize,
+}
+
+impl Panels {
+    fn pack(m: &[f32], hidden: usize, cols: usize) -> Panels {
+        assert_eq!(m.len(), 4 * hidden * cols);
+        let mut data = Vec::with_capacity(m.len());
+        for q in 0..hidden / UNITS {
+            for c in 0..cols {
+                for gate in 0..4 {
+                    for u in 0..UNITS {
+                        data.push(m[(gate * hidden + q * UNITS + u) * cols + c]);
+                    }
+                }
+            }
+        }
+        Panels { data, cols }
+    }
+
+    /// `out[b] += W · xs[b]` for unit group `q`'s four gates (1–4 rows,
+    /// `GATES` values each).
+    fn add_product(&self, k: &Kernels, q: usize, xs: &[&[f32]], out: &mut [f32]) {
+        let panel = self.cols * GATES;
+        (k.panel_f32)(xs, &self.data[q * panel..(q + 1) * panel], out);
+    }
+
+    fn bytes(&self) -> usize {
+        self.data.len() * 4
+    }
+}
+
+#[derive(Debug)]
+struct Layer {
+    /// Input weights, `cols` = the layer's input width.
+    w: Panels,
+    /// Recurrent weights, `cols` = hidden.
+    r: Panels,
+    /// `Wb + Rb`, by unit group (`[groups][GATES]`).
+    bias: Vec<f32>,
+}
+
+/// The cell update of one unit group: gates `g` (i, o, f, c pre-activations),
+/// cell state `c` updated in place, new hidden state into `h`.
+fn cell(g: &[f32], c: &mut [f32], h: &mut [f32]) {
+    for u in 0..UNITS {
+        let i = nn::sigmoid(g[u]);
+        let o = nn::sigmoid(g[UNITS + u]);
+        let f = nn::sigmoid(g[2 * UNITS + u]);
+        let z = nn::tanh(g[3 * UNITS + u]);
+        let cn = f * c[u] + i * z;
+        c[u] = cn;
+        h[u] = o * nn::tanh(cn);
+    }
+}
+
+/// An LSTM language model read from its ONNX graph.
+#[derive(Debug)]
+pub struct Lstm {
+    hidden: usize,
+    vocab: usize,
+    embed: Embedding,
+    layers: Vec<Layer>,
+    head: Linear,
+}
+
+/// One sequence's part of a step: its state (`[layers][h, c][hidden]`),
+/// tokens and logits.
+pub(crate) struct RnnJob<'a> {
+    pub state: &'a mut [f32],
+    pub tokens: &'a [u32],
+    pub all: bool,
+    pub out: &'a mut Vec<f32>,
+}
+
+impl Sequence for RnnJob<'_> {
+    fn past(&self) -> usize {
+        0
+    }
+    fn tokens(&self) -> &[u32] {
+        self.tokens
+    }
+    fn all(&self) -> bool {
+        self.all
+    }
+    fn out(&mut self) -> &mut Vec<f32> {
+        self.out
+    }
+}
+
+/// Scratch for one chunk, sized at load.
+#[derive(Debug)]
+pub struct LstmWork {
+    /// Layer input rows, `MAX_ROWS × widest input`.
+    x: Vec<f32>,
+    /// Layer output rows, `MAX_ROWS × hidden`.
+    y: Vec<f32>,
+    /// Gate values, `[groups][MAX_ROWS][GATES]`.
+    gates: Vec<f32>,
+    /// Each chunk sequence's hidden state, `MAX_ROWS × hidden`.
+    h: Vec<f32>,
+    /// New hidden and cell states, `[groups][MAX_ROWS][UNITS]`.
+    h_new: Vec<f32>,
+    c: Vec<f32>,
+    logits: Vec<f32>,
+    qr: QRows,
+}
+
+/// The consecutive rows of one sequence within a chunk.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    job: usize,
+    first: usize,
+    len: usize,
+}
+
+/// `buf` cut into `parts` pieces of `size` (the last may be shorter), each
+/// behind a lock that only its task takes.
+fn split(buf: &mut [f32], size: usize) -> heapless::Vec<Mutex<&mut [f32]>, MAX_PARTS> {
+    let mut v = heapless::Vec::new();
+    for c in buf.chunks_mut(size.max(1)) {
+        v.push(Mutex::new(c)).expect("at most MAX_PARTS parts");
+    }
+    v
+}
+
+impl Lstm {
+    /// Recognise embedding → LSTM × layers → head; any deviation is a reason
+    /// to stay on tract.
+    pub fn recognize(g: &Graph, io: &LstmIo, quantize_fp32: bool) -> Result<Lstm, Unrecognized> {
+        g.check_ops(&["LSTM"], "LSTM")?;
+        let lstms: Vec<&pb::NodeProto> = g.nodes().iter().filter(|n| n.op_type == "LSTM").collect();
+        if lstms.len() != io.layers {
+            return Err(format!(
+                "{} LSTM nodes for a state of {} layers",
+                lstms.len(),
+                io.layers
+            ));
+        }
+        let hidden = io.hidden;
+        if hidden == 0 || !hidden.is_multiple_of(UNITS) {
+            return Err(format!("hidden size {hidden} is not a multiple of {UNITS}"));
+        }
+        let gather = g
+            .nodes()
+            .iter()
+            .find(|n| n.op_type == "Gather" && n.input.get(1) == Some(&io.input_ids))
+            .ok_or("no embedding lookup of the token ids")?;
+        let embed = Embedding::from_gather(g, gather)?;
+        let mut layers = vec![];
+        let mut input = embed.cols();
+        let mut prev = gather.output[0].as_str();
+        for (i, n) in lstms.iter().enumerate() {
+            check_attrs(n, hidden).map_err(|e| format!("LSTM layer {i}: {e}"))?;
+            let x = n.input.first().map_or("", |s| s.as_str());
+            if !flows_from(g, x, prev) {
+                return Err(format!("LSTM layer {i} does not read the previous layer"));
+            }
+            let arg = |j: usize| n.input.get(j).filter(|s| !s.is_empty());
+            if arg(4).is_some() || arg(7).is_some() {
+                return Err(format!("LSTM layer {i} has sequence lengths or peepholes"));
+            }
+            for (j, whole) in [(5, &io.h0), (6, &io.c0)] {
+                let Some(s) = arg(j) else {
+                    return Err(format!("LSTM layer {i} has no initial state"));
+                };
+                if !state_slice(g, s, whole, i, io.layers)? {
+                    return Err(format!(
+                        "LSTM layer {i} does not start from layer {i} of '{whole}'"
+                    ));
+                }
+            }
+            let mat = |j: usize, shape: &[usize]| -> Result<Vec<f32>, Unrecognized> {
+                let name = arg(j).ok_or("LSTM without weights")?;
+                match g.konst(name)? {
+                    (s, Values::F32(v)) if s == shape => Ok(v),
+                    (s, _) => Err(format!(
+                        "LSTM layer {i}: '{name}' is {s:?}, not fp32 {shape:?}"
+                    )),
+                }
+            };
+            let w = mat(1, &[1, 4 * hidden, input])?;
+            let r = mat(2, &[1, 4 * hidden, hidden])?;
+            let b = match arg(3) {
+                Some(_) => mat(3, &[1, 8 * hidden])?,
+                None => vec![0.0; 8 * hidden],
+            };
+            let mut bias = Vec::with_capacity(4 * hidden);
+            for q in 0..hidden / UNITS {
+                for gate in 0..4 {
+                    for u in 0..UNITS {
+                        let at = gate * hidden + q * UNITS + u;
+                        bias.push(b[at] + b[4 * hidden + at]);
+                    }
+                }
+            }
+            layers.push(Layer {
+                w: Panels::pack(&w, hidden, input),
+                r: Panels::pack(&r, hidden, hidden),
+                bias,
+            });
+            for (j, whole) in [(1, &io.hn), (2, &io.cn)] {
+                let out = n.output.get(j).map_or("", |s| s.as_str());
+                if !final_state(g, out, whole, i, io.layers) {
+                    return Err(format!(
+                        "LSTM layer {i}'s final state is not layer {i} of '{whole}'"
+                    ));
+                }
+            }
+            prev = n.output.first().map_or("", |s| s.as_str());
+            input = hidden;
+        }
+        let mut linears = g.linears(quantize_fp32)?;
+        if linears.len() != 1 {
+            return Err(format!(
+                "expected one linear layer (the head), found {}",
+                linears.len()
+            ));
+        }
+        let head = linears.pop().expect("counted");
+        if !flows_from(g, &head.input, prev) || head.output != io.logits {
+            return Err("the head does not map the last layer's output to the logits".into());
+        }
+        let head = head.linear;
+        let vocab = head.w.rows();
+        if head.w.cols() != hidden || embed.rows() != vocab {
+            return Err("the output projection is not hidden → vocabulary".into());
+        }
+        Ok(Lstm {
+            hidden,
+            vocab,
+            embed,
+            layers,
+            head,
+        })
+    }
+
+    /// Floats of one sequence's state: h and c for every layer.
+    pub fn state_len(&self) -> usize {
+        self.layers.len() * 2 * self.hidden
+    }
+
+    /// Bytes of weights held.
+    pub fn weight_bytes(&self) -> usize {
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| l.w.bytes() + l.r.bytes() + 4 * l.bias.len())
+            .sum();
+        self.embed.bytes() + layers + self.head.bytes()
+    }
+
+    /// Weight bytes a decode step reads.
+    pub fn streamed_bytes(&self) -> usize {
+        let layers: usize = self.layers.iter().map(|l| l.w.bytes() + l.r.bytes()).sum();
+        layers + self.head.w.weight_bytes()
+    }
+
+    pub fn new_work(&self) -> LstmWork {
+        let (h, groups) = (self.hidden, self.hidden / UNITS);
+        let wide = self.embed.cols().max(h);
+        LstmWork {
+            x: vec![0.0; MAX_ROWS * wide],
+            y: vec![0.0; MAX_ROWS * h],
+            gates: vec![0.0; groups * MAX_ROWS * GATES],
+            h: vec![0.0; MAX_ROWS * h],
+            h_new: vec![0.0; groups * MAX_ROWS * UNITS],
+            c: vec![0.0; groups * MAX_ROWS * UNITS],
+            logits: vec![0.0; MAX_ROWS * self.vocab],
+            qr: QRows::new(h),
+        }
+    }
+
+    /// Run one chunk of rows (each sequence's rows consecutive and in order)
+    /// through the network, advancing the sequences' states and writing the
+    /// logits rows ask for into their jobs' outputs.
+    pub fn chunk(
+        &self,
+        k: &Kernels,
+        w: &mut LstmWork,
+        rows: &[Row],
+        jobs: &mut [RnnJob<'_>],
+        par: &dyn Parallel,
+    ) {
+        let (hd, n, groups) = (self.hidden, rows.len(), self.hidden / UNITS);
+        let mut runs: heapless::Vec<Run, MAX_ROWS> = heapless::Vec::new();
+        for (r, row) in rows.iter().enumerate() {
+            match runs.last_mut() {
+                Some(last) if last.job == row.job => last.len += 1,
+                _ => {
+                    let _ = runs.push(Run {
+                        job: row.job,
+                        first: r,
+                        len: 1,
+                    });
+                }
+            }
+        }
+        let steps = runs.iter().map(|s| s.len).max().unwrap_or(0);
+        let ns = runs.len();
+        let cols = self.embed.cols();
+        for (r, row) in rows.iter().enumerate() {
+            self.embed.read(
+                row.token as usize,
+                &mut w.x[r * cols..(r + 1) * cols],
+                false,
+            );
+        }
+        let mut input = cols;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let par: &dyn Parallel = if 4 * hd * input * n >= PAR_MIN_MACS {
+                par
+            } else {
+                &Serial
+            };
+            let parts = par.threads().clamp(1, groups.min(MAX_PARTS));
+            let per = groups.div_ceil(parts);
+            let parts = groups.div_ceil(per);
+            // This layer's state of each sequence in the chunk.
+            let (h_at, c_at) = (l * 2 * hd, l * 2 * hd + hd);
+            for (s, run) in runs.iter().enumerate() {
+                let st = &jobs[run.job].state;
+                w.h[s * hd..(s + 1) * hd].copy_from_slice(&st[h_at..h_at + hd]);
+                for q in 0..groups {
+                    let at = (q * ns + s) * UNITS;
+                    w.c[at..at + UNITS]
+                        .copy_from_slice(&st[c_at + q * UNITS..c_at + (q + 1) * UNITS]);
+                }
+            }
+            // Input products of every row: gates = bias + W·x.
+            {
+                let x = &w.x[..n * input];
+                let gates = split(&mut w.gates[..groups * n * GATES], per * n * GATES);
+                par.run(parts, &|p| {
+                    let mut g = gates[p].lock().unwrap_or_else(|e| e.into_inner());
+                    for (gq, q) in g.chunks_mut(n * GATES).zip(p * per..) {
+                        let bias = &layer.bias[q * GATES..(q + 1) * GATES];
+                        for (r0, out) in (0..n).step_by(4).zip(gq.chunks_mut(4 * GATES)) {
+                            let b = out.len() / GATES;
+                            let xs: [&[f32]; 4] = std::array::from_fn(|i| {
+                                let r = r0 + i.min(b - 1);
+                                &x[r * input..(r + 1) * input]
+                            });
+                            for o in out.chunks_mut(GATES) {
+                                o.copy_from_slice(bias);
+                            }
+                            layer.w.add_product(k, q, &xs[..b], out);
+                        }
+                    }
+                });
+            }
+            // The recurrence, one step of every sequence at a time.
+            for t in 0..steps {
+                {
+                    let h = &w.h[..ns * hd];
+                    let gates = split(&mut w.gates[..groups * n * GATES], per * n * GATES);
+                    let cs = split(&mut w.c[..groups * ns * UNITS], per * ns * UNITS);
+                    let hs = split(&mut w.h_new[..groups * ns * UNITS], per * ns * UNITS);
+                    let runs = &runs;
+                    par.run(parts, &|p| {
+                        let mut g = gates[p].lock().unwrap_or_else(|e| e.into_inner());
+                        let mut c = cs[p].lock().unwrap_or_else(|e| e.into_inner());
+                        let mut hn = hs[p].lock().unwrap_or_else(|e| e.into_inner());
+                        let per_q = g.chunks_mut(n * GATES);
+                        let per_q = per_q.zip(c.chunks_mut(ns * UNITS));
+                        for (((gq, cq), hq), q) in
+                            per_q.zip(hn.chunks_mut(ns * UNITS)).zip(p * per..)
+                        {
+                            let mut active = runs.iter().enumerate().filter(|(_, r)| r.len > t);
+                            loop {
+                                // Up to 4 sequences through the panel at once.
+                                let mut four: heapless::Vec<usize, 4> = heapless::Vec::new();
+                                let mut buf = [0f32; 4 * GATES];
+                                for (s, run) in active.by_ref() {
+                                    let (r, i) = (run.first + t, four.len());
+                                    buf[i * GATES..(i + 1) * GATES]
+                                        .copy_from_slice(&gq[r * GATES..(r + 1) * GATES]);
+                                    let _ = four.push(s);
+                                    if four.is_full() {
+                                        break;
+                                    }
+                                }
+                                if four.is_empty() {
+                                    break;
+                                }
+                                let b = four.len();
+                                let xs: [&[f32]; 4] = std::array::from_fn(|i| {
+                                    let s = four[i.min(b - 1)];
+                                    &h[s * hd..(s + 1) * hd]
+                                });
+                                let buf = &mut buf[..b * GATES];
+                                layer.r.add_product(k, q, &xs[..b], buf);
+                                for (&s, g) in four.iter().zip(buf.chunks(GATES)) {
+                                    let u = s * UNITS..(s + 1) * UNITS;
+                                    cell(g, &mut cq[u.clone()], &mut hq[u]);
+                                }
+                            }
+                        }
+                    });
+                }
+                for (s, run) in runs.iter().enumerate().filter(|(_, r)| r.len > t) {
+                    let r = run.first + t;
+                    for q in 0..groups {
+                        let from = &w.h_new[(q * ns + s) * UNITS..(q * ns + s + 1) * UNITS];
+                        w.h[s * hd + q * UNITS..s * hd + (q + 1) * UNITS].copy_from_slice(from);
+                        w.y[r * hd + q * UNITS..r * hd + (q + 1) * UNITS].copy_from_slice(from);
+                    }
+                }
+            }
+            for (s, run) in runs.iter().enumerate() {
+                let st = &mut jobs[run.job].state;
+                st[h_at..h_at + hd].copy_from_slice(&w.h[s * hd..(s + 1) * hd]);
+                for q in 0..groups {
+                    let at = (q * ns + s) * UNITS;
+                    st[c_at + q * UNITS..c_at + (q + 1) * UNITS]
+                        .copy_from_slice(&w.c[at..at + UNITS]);
+                }
+            }
+            w.x[..n * hd].copy_from_slice(&w.y[..n * hd]);
+            input = hd;
+        }
+        head_logits(
+            k,
+            &self.head,
+            &w.y[..n * hd],
+            rows,
+            &mut w.qr,
+            &mut w.logits,
+            par,
+            |row, logits| {
+                let job = &mut jobs[row.job];
+                let at = if job.all { row.t * logits.len() } else { 0 };
+                job.out[at..at + logits.len()].copy_from_slice(logits);
+            },
+        );
+    }
+}
+
+/// The attributes this engine computes: forward, sigmoid/tanh/tanh, no clip,
+/// no coupled input-forget gate, sequence-first layout.
+fn check_attrs(n: &pb::NodeProto, hidden: usize) -> Result<(), Unrecognized> {
+    if attr::<String>(n, "direction").is_some_and(|d| d != "forward") {
+        return Err("not a forward LSTM".into());
+    }
+    if attr::<i64>(n, "hidden_size").is_some_and(|h| h as usize != hidden) {
+        return Err(format!("hidden_size differs from the state's {hidden}"));
+    }
+    if attr::<i64>(n, "input_forget").unwrap_or(0) != 0
+        || attr::<i64>(n, "layout").unwrap_or(0) != 0
+    {
+        return Err("coupled input-forget gate or batch-first layout".into());
+    }
+    if n.attribute.iter().any(|a| a.name == "clip") {
+        return Err("cell clipping".into());
+    }
+    if let Some(a) = n.attribute.iter().find(|a| a.name == "activations") {
+        let names: Vec<&[u8]> = a.strings.iter().map(|s| s.as_slice()).collect();
+        if names != [&b"Sigmoid"[..], b"Tanh", b"Tanh"] {
+            return Err("activations other than sigmoid and tanh".into());
+        }
+    }
+    Ok(())
+}
+
+/// Whether `to` is `from` through layout-only operators (the Transposes,
+/// Squeezes and dequantization between an LSTM's output and its reader).
+fn flows_from(g: &Graph, to: &str, from: &str) -> bool {
+    let mut cur = to;
+    for _ in 0..8 {
+        if cur == from {
+            return true;
+        }
+        match g.producer(cur) {
+            Some(n)
+                if matches!(
+                    n.op_type.as_str(),
+                    "Transpose"
+                        | "Squeeze"
+                        | "Unsqueeze"
+                        | "Reshape"
+                        | "Identity"
+                        | "DequantizeLinear"
+                ) =>
+            {
+                cur = &n.input[0]
+            }
+            _ => return false,
+        }
+    }
+    false
+}
+
+/// Whether `name`, an LSTM's initial state, is layer `i` of the graph input
+/// `whole` (`[layers, batch, hidden]`): a `Slice` of `i..i + 1` on axis 0, or
+/// `whole` itself for one layer.
+fn state_slice(
+    g: &Graph,
+    name: &str,
+    whole: &str,
+    i: usize,
+    layers: usize,
+) -> Result<bool, Unrecognized> {
+    if name == whole {
+        return Ok(layers == 1);
+    }
+    let Some(n) = g.producer_op(name, "Slice") else {
+        return Ok(false);
+    };
+    if n.input[0] != whole {
+        return Ok(false);
+    }
+    let arg = |j: usize| {
+        n.input
+            .get(j)
+            .filter(|s| !s.is_empty())
+            .and_then(|s| g.ints(s))
+    };
+    let (starts, ends) = (arg(1), arg(2));
+    let axes = match n.input.get(3).filter(|s| !s.is_empty()) {
+        Some(_) => arg(3),
+        None => Some(vec![0]),
+    };
+    let steps_ok = match n.input.get(4).filter(|s| !s.is_empty()) {
+        Some(_) => arg(4) == Some(vec![1]),
+        None => true,
+    };
+    let ends_ok = |e: &[i64]| e == [i as i64 + 1] || (i + 1 == layers && e[0] >= layers as i64);
+    Ok(steps_ok
+        && starts == Some(vec![i as i64])
+        && ends.as_deref().is_some_and(ends_ok)
+        && (axes == Some(vec![0]) || axes == Some(vec![-3])))
+}
+
+/// Whether the LSTM output `out` (`Y_h` or `Y_c`) lands as layer `i` of the
+/// graph output `whole`: input `i` of the `Concat` writing it, or `whole`
+/// itself for one layer.
+fn final_state(g: &Graph, out: &str, whole: &str, i: usize, layers: usize) -> bool {
+    if out == whole {
+        return layers == 1;
+    }
+    g.producer_op(whole, "Concat").is_some_and(|c| {
+        c.input.len() == layers
+            && c.input.get(i).is_some_and(|x| x == out)
+            && attr::<i64>(c, "axis").unwrap_or(-1) == 0
+    })
+}
+
+/// The native backend of an LSTM model.
+#[derive(Debug)]
+pub struct LstmBackend {
+    family: Family,
+    net: Lstm,
+    work: Mutex<LstmWork>,
+    threads: Option<SpinPool>,
+    kernels: &'static Kernels,
+}
+
+impl LstmBackend {
+    pub fn new(family: Family, net: Lstm, threads: Option<SpinPool>) -> LstmBackend {
+        LstmBackend {
+            family,
+            work: Mutex::new(net.new_work()),
+            net,
+            threads,
+            kernels: ember_kernels::kernels(),
+        }
+    }
+
+    pub fn weight_bytes(&self) -> usize {
+        self.net.weight_bytes()
+    }
+
+    fn par(&self) -> &dyn Parallel {
+        super::pool::or_serial(&self.threads)
+    }
+
+    fn run(&self, jobs: &mut [RnnJob<'_>]) {
+        let mut work = self.work.lock().unwrap_or_else(|e| e.into_inner());
+        run_chunks(jobs, self.net.vocab, |rows, jobs| {
+            self.net
+                .chunk(self.kernels, &mut work, rows, jobs, self.par())
+        });
+    }
+}
+
+fn rnn(state: &mut SeqState) -> Result<&mut RnnState, EngineError> {
+    match &mut state.inner {
+        Inner::Rnn(s) => Ok(s),
+        _ => Err(EngineError::Run("sequence state of another backend".into())),
+    }
+}
+
+impl Backend for LstmBackend {
+    fn name(&self) -> &'static str {
+        "native"
+    }
+
+    fn family(&self) -> &Family {
+        &self.family
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.net.vocab
+    }
+
+    fn footprint(&self) -> Option<Footprint> {
+        Some(Footprint {
+            weight_bytes: self.net.weight_bytes(),
+            bytes_per_token: self.net.streamed_bytes(),
+            kv_bytes: 0,
+        })
+    }
+
+    fn new_state(&self) -> Result<SeqState, EngineError> {
+        Ok(SeqState {
+            len: 0,
+            inner: Inner::Rnn(RnnState {
+                hc: vec![0.0; self.net.state_len()],
+            }),
+        })
+    }
+
+    fn forward(
+        &self,
+        state: &mut SeqState,
+        tokens: &[u32],
+        which: Logits,
+        out: &mut Vec<f32>,
+    ) -> Result<(), EngineError> {
+        check_tokens(tokens, self.net.vocab)?;
+        let st = rnn(state)?;
+        self.run(&mut [RnnJob {
+            state: &mut st.hc,
+            tokens,
+            all: which == Logits::All,
+            out,
+        }]);
+        state.len += tokens.len();
+        Ok(())
+    }
+
+    /// The whole batch goes through each layer together: the weights are
+    /// read once per step for all sequences.
+    fn forward_batch(&self, items: &mut [BatchItem<'_>]) {
+        let vocab = self.net.vocab;
+        let mut jobs: heapless::Vec<RnnJob<'_>, 256> = heapless::Vec::new();
+        let mut rest = vec![];
+        for it in items.iter_mut() {
+            it.result = check_tokens(it.tokens, vocab).and_then(|_| rnn(it.state).map(|_| ()));
+            if it.result.is_ok() {
+                it.state.len += it.tokens.len();
+                let st = rnn(it.state).expect("checked");
+                let job = RnnJob {
+                    state: &mut st.hc,
+                    tokens: it.tokens,
+                    all: false,
+                    out: &mut *it.logits,
+                };
+                if let Err(job) = jobs.push(job) {
+                    rest.push(job);
+                }
+            }
+        }
+        self.run(&mut jobs);
+        self.run(&mut rest);
+    }
+}
