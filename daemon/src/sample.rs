@@ -129,7 +129,8 @@ pub type TopLogprobs = heapless::Vec<(u32, f32), MAX_LOGPROBS>;
 pub struct Sampled {
     /// The chosen token.
     pub token: u32,
-    /// Its log-probability under the penalised model distribution.
+    /// Its log-probability under the penalised model distribution, when the
+    /// request asked for logprobs (NaN otherwise).
     pub logprob: f32,
     /// The most likely alternatives, when the request asked for logprobs.
     pub top: TopLogprobs,
@@ -176,7 +177,17 @@ impl Sampler {
     /// and count it as generated.
     pub fn sample(&mut self, logits: &mut [f32]) -> Sampled {
         self.apply_penalties(logits);
-        let (max, log_z) = log_sum_exp(logits);
+        // The normaliser costs an exp per vocabulary entry (as much as a small
+        // model's whole step): only computed when logprobs were asked for.
+        let want = self.params.logprobs.is_some();
+        let (max, log_z) = if want {
+            log_sum_exp(logits)
+        } else {
+            (
+                logits.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+                f32::NAN,
+            )
+        };
         let token = if self.params.temperature == 0.0 {
             argmax(logits)
         } else {
