@@ -131,12 +131,23 @@ fn native_greedy_equals_tract() {
 #[test]
 fn native_batch_invariance() {
     for name in ["kjv-gpt2", "tiny-llama-gqa-int8", "kjv-lstm"] {
-        batch_invariance(name);
+        batch_invariance(load(name, BackendChoice::Native, 8), name);
     }
+    // The LSTM quantized at load: each sequence's hidden state is quantized
+    // on its own, so batching changes nothing there either.
+    let opts = LoadOptions {
+        backend: BackendChoice::Native,
+        quantize_fp32: true,
+        max_seqs: 8,
+        ..Default::default()
+    };
+    batch_invariance(
+        Model::load(&model("kjv-lstm"), &opts).unwrap(),
+        "kjv-lstm int8",
+    );
 }
 
-fn batch_invariance(name: &str) {
-    let m = load(name, BackendChoice::Native, 8);
+fn batch_invariance(m: Model, name: &str) {
     let texts = [
         "In the beginning",
         "And God said, Let there be light",
@@ -328,4 +339,30 @@ fn native_prefix_reuse() {
     let t = load("kjv-gpt2", BackendChoice::Tract, 1);
     let mut ts = t.backend.new_state().unwrap();
     assert_eq!(t.backend.reuse_prefix(&mut ts, &b), 0);
+}
+
+/// Perplexity over the held-out text within 1 % of tract's: kjv-gpt2 and
+/// kjv-lstm on the native engine, and kjv-lstm with its fp32 gate weights
+/// quantized to int8 at load (`quantize_fp32`, opt-in).
+#[test]
+fn native_perplexity_within_one_percent_of_tract() {
+    let text = std::fs::read_to_string(root().join("models/heldout.txt")).unwrap();
+    let ppl = |m: &Model| {
+        let ids = m.tokenizer.encode(&text).unwrap();
+        emberd::cli::perplexity(m, &ids[..1200], None, |_| {})
+            .unwrap()
+            .perplexity
+    };
+    for (name, quantize_fp32) in [("kjv-gpt2", false), ("kjv-lstm", false), ("kjv-lstm", true)] {
+        let opts = LoadOptions {
+            backend: BackendChoice::Native,
+            quantize_fp32,
+            ..Default::default()
+        };
+        let n = Model::load(&model(name), &opts).unwrap();
+        let t = load(name, BackendChoice::Tract, 1);
+        let (a, b) = (ppl(&n), ppl(&t));
+        eprintln!("{name} (quantize_fp32 {quantize_fp32}): perplexity native {a:.3}, tract {b:.3}");
+        assert!((a / b - 1.0).abs() < 0.01, "{name}: {a} vs {b}");
+    }
 }

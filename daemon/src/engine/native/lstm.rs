@@ -15,11 +15,11 @@
 
 use std::sync::Mutex;
 
-use ember_kernels::gemv::{Parallel, Serial};
+use ember_kernels::gemv::{PackedI8, Parallel, Serial};
 use ember_kernels::{nn, Kernels};
 
 use super::graph::{attr, Graph, Linear, Unrecognized, Values};
-use super::ops::{head_logits, Embedding, QRows, MAX_ROWS, PAR_MIN_MACS};
+use super::ops::{add, head_logits, run_linear, Embedding, QRows, MAX_ROWS, PAR_MIN_MACS};
 use super::pool::SpinPool;
 use super::{check_tokens, run_chunks, RnnState, Row, Sequence};
 use crate::engine::{Backend, BatchItem, EngineError, Footprint, Inner, Logits, SeqState};
@@ -74,8 +74,15 @@ impl Panels {
     }
 }
 
+/// One LSTM layer's weights, as the file holds them or quantized at load.
 #[derive(Debug)]
-struct Layer {
+enum Layer {
+    F32(F32Layer),
+    I8(I8Layer),
+}
+
+#[derive(Debug)]
+struct F32Layer {
     /// Input weights, `cols` = the layer's input width.
     w: Panels,
     /// Recurrent weights, `cols` = hidden.
@@ -84,18 +91,64 @@ struct Layer {
     bias: Vec<f32>,
 }
 
-/// The cell update of one unit group: gates `g` (i, o, f, c pre-activations),
-/// cell state `c` updated in place, new hidden state into `h`.
-fn cell(g: &[f32], c: &mut [f32], h: &mut [f32]) {
-    for u in 0..UNITS {
-        let i = nn::sigmoid(g[u]);
-        let o = nn::sigmoid(g[UNITS + u]);
-        let f = nn::sigmoid(g[2 * UNITS + u]);
-        let z = nn::tanh(g[3 * UNITS + u]);
-        let cn = f * c[u] + i * z;
-        c[u] = cn;
-        h[u] = o * nn::tanh(cn);
+/// A layer quantized at load (`quantize_fp32`): per-row int8 weights in
+/// ONNX gate order, read by the int8 GEMM; activations (the input rows and
+/// each sequence's hidden state) quantized per sequence and step.
+#[derive(Debug)]
+struct I8Layer {
+    /// Input weights with `Wb + Rb` as the bias.
+    w: Linear,
+    r: Linear,
+}
+
+impl Layer {
+    fn bytes(&self) -> usize {
+        match self {
+            Layer::F32(l) => l.w.bytes() + l.r.bytes() + 4 * l.bias.len(),
+            Layer::I8(l) => l.w.bytes() + l.r.bytes(),
+        }
     }
+
+    /// Weight bytes one step reads.
+    fn streamed(&self) -> usize {
+        match self {
+            Layer::F32(l) => l.w.bytes() + l.r.bytes(),
+            Layer::I8(l) => l.w.w.weight_bytes() + l.r.w.weight_bytes(),
+        }
+    }
+}
+
+/// The cell update of one group of units: gate pre-activations `i`, `o`,
+/// `f`, `z` (the candidate), cell state `c` updated in place, new hidden
+/// state into `h`.
+fn cell(i: &[f32], o: &[f32], f: &[f32], z: &[f32], c: &mut [f32], h: &mut [f32]) {
+    for u in 0..c.len() {
+        let (ig, og, fg) = (nn::sigmoid(i[u]), nn::sigmoid(o[u]), nn::sigmoid(f[u]));
+        let cn = fg * c[u] + ig * nn::tanh(z[u]);
+        c[u] = cn;
+        h[u] = og * nn::tanh(cn);
+    }
+}
+
+/// [`cell`] on one unit group's [`GATES`] values (i, o, f, c for [`UNITS`] units).
+fn group_cell(g: &[f32], c: &mut [f32], h: &mut [f32]) {
+    let (i, rest) = g.split_at(UNITS);
+    let (o, rest) = rest.split_at(UNITS);
+    let (f, z) = rest.split_at(UNITS);
+    cell(i, o, f, &z[..UNITS], c, h)
+}
+
+/// A chunk's sequences: their runs of rows and the steps they take.
+#[derive(Debug, Clone, Copy)]
+struct Steps<'a> {
+    rows: &'a [Row],
+    runs: &'a [Run],
+    /// Rows.
+    n: usize,
+    /// Sequences.
+    ns: usize,
+    /// Longest run.
+    steps: usize,
 }
 
 /// An LSTM language model read from its ONNX graph.
@@ -146,6 +199,8 @@ pub struct LstmWork {
     /// New hidden and cell states, `[groups][MAX_ROWS][UNITS]`.
     h_new: Vec<f32>,
     c: Vec<f32>,
+    /// Recurrent products of the int8 layers, `MAX_ROWS × 4·hidden`.
+    rec: Vec<f32>,
     logits: Vec<f32>,
     qr: QRows,
 }
@@ -238,10 +293,26 @@ impl Lstm {
                     }
                 }
             }
-            layers.push(Layer {
-                w: Panels::pack(&w, hidden, input),
-                r: Panels::pack(&r, hidden, hidden),
-                bias,
+            layers.push(if quantize_fp32 {
+                let bias: Vec<f32> = (0..4 * hidden).map(|j| b[j] + b[4 * hidden + j]).collect();
+                Layer::I8(I8Layer {
+                    w: Linear {
+                        w: PackedI8::quantize(&w, 4 * hidden, input),
+                        bias: Some(bias),
+                        from_int8: false,
+                    },
+                    r: Linear {
+                        w: PackedI8::quantize(&r, 4 * hidden, hidden),
+                        bias: None,
+                        from_int8: false,
+                    },
+                })
+            } else {
+                Layer::F32(F32Layer {
+                    w: Panels::pack(&w, hidden, input),
+                    r: Panels::pack(&r, hidden, hidden),
+                    bias,
+                })
             });
             for (j, whole) in [(1, &io.hn), (2, &io.cn)] {
                 let out = n.output.get(j).map_or("", |s| s.as_str());
@@ -286,17 +357,13 @@ impl Lstm {
 
     /// Bytes of weights held.
     pub fn weight_bytes(&self) -> usize {
-        let layers: usize = self
-            .layers
-            .iter()
-            .map(|l| l.w.bytes() + l.r.bytes() + 4 * l.bias.len())
-            .sum();
+        let layers: usize = self.layers.iter().map(Layer::bytes).sum();
         self.embed.bytes() + layers + self.head.bytes()
     }
 
     /// Weight bytes a decode step reads.
     pub fn streamed_bytes(&self) -> usize {
-        let layers: usize = self.layers.iter().map(|l| l.w.bytes() + l.r.bytes()).sum();
+        let layers: usize = self.layers.iter().map(Layer::streamed).sum();
         layers + self.head.w.weight_bytes()
     }
 
@@ -310,8 +377,9 @@ impl Lstm {
             h: vec![0.0; MAX_ROWS * h],
             h_new: vec![0.0; groups * MAX_ROWS * UNITS],
             c: vec![0.0; groups * MAX_ROWS * UNITS],
+            rec: vec![0.0; MAX_ROWS * 4 * h],
             logits: vec![0.0; MAX_ROWS * self.vocab],
-            qr: QRows::new(h),
+            qr: QRows::new(wide),
         }
     }
 
@@ -326,7 +394,7 @@ impl Lstm {
         jobs: &mut [RnnJob<'_>],
         par: &dyn Parallel,
     ) {
-        let (hd, n, groups) = (self.hidden, rows.len(), self.hidden / UNITS);
+        let (hd, n) = (self.hidden, rows.len());
         let mut runs: heapless::Vec<Run, MAX_ROWS> = heapless::Vec::new();
         for (r, row) in rows.iter().enumerate() {
             match runs.last_mut() {
@@ -351,114 +419,22 @@ impl Lstm {
             );
         }
         let mut input = cols;
+        let steps = Steps {
+            rows,
+            runs: &runs,
+            n,
+            ns,
+            steps,
+        };
         for (l, layer) in self.layers.iter().enumerate() {
             let par: &dyn Parallel = if 4 * hd * input * n >= PAR_MIN_MACS {
                 par
             } else {
                 &Serial
             };
-            let parts = par.threads().clamp(1, groups.min(MAX_PARTS));
-            let per = groups.div_ceil(parts);
-            let parts = groups.div_ceil(per);
-            // This layer's state of each sequence in the chunk.
-            let (h_at, c_at) = (l * 2 * hd, l * 2 * hd + hd);
-            for (s, run) in runs.iter().enumerate() {
-                let st = &jobs[run.job].state;
-                w.h[s * hd..(s + 1) * hd].copy_from_slice(&st[h_at..h_at + hd]);
-                for q in 0..groups {
-                    let at = (q * ns + s) * UNITS;
-                    w.c[at..at + UNITS]
-                        .copy_from_slice(&st[c_at + q * UNITS..c_at + (q + 1) * UNITS]);
-                }
-            }
-            // Input products of every row: gates = bias + W·x.
-            {
-                let x = &w.x[..n * input];
-                let gates = split(&mut w.gates[..groups * n * GATES], per * n * GATES);
-                par.run(parts, &|p| {
-                    let mut g = gates[p].lock().unwrap_or_else(|e| e.into_inner());
-                    for (gq, q) in g.chunks_mut(n * GATES).zip(p * per..) {
-                        let bias = &layer.bias[q * GATES..(q + 1) * GATES];
-                        for (r0, out) in (0..n).step_by(4).zip(gq.chunks_mut(4 * GATES)) {
-                            let b = out.len() / GATES;
-                            let xs: [&[f32]; 4] = std::array::from_fn(|i| {
-                                let r = r0 + i.min(b - 1);
-                                &x[r * input..(r + 1) * input]
-                            });
-                            for o in out.chunks_mut(GATES) {
-                                o.copy_from_slice(bias);
-                            }
-                            layer.w.add_product(k, q, &xs[..b], out);
-                        }
-                    }
-                });
-            }
-            // The recurrence, one step of every sequence at a time.
-            for t in 0..steps {
-                {
-                    let h = &w.h[..ns * hd];
-                    let gates = split(&mut w.gates[..groups * n * GATES], per * n * GATES);
-                    let cs = split(&mut w.c[..groups * ns * UNITS], per * ns * UNITS);
-                    let hs = split(&mut w.h_new[..groups * ns * UNITS], per * ns * UNITS);
-                    let runs = &runs;
-                    par.run(parts, &|p| {
-                        let mut g = gates[p].lock().unwrap_or_else(|e| e.into_inner());
-                        let mut c = cs[p].lock().unwrap_or_else(|e| e.into_inner());
-                        let mut hn = hs[p].lock().unwrap_or_else(|e| e.into_inner());
-                        let per_q = g.chunks_mut(n * GATES);
-                        let per_q = per_q.zip(c.chunks_mut(ns * UNITS));
-                        for (((gq, cq), hq), q) in
-                            per_q.zip(hn.chunks_mut(ns * UNITS)).zip(p * per..)
-                        {
-                            let mut active = runs.iter().enumerate().filter(|(_, r)| r.len > t);
-                            loop {
-                                // Up to 4 sequences through the panel at once.
-                                let mut four: heapless::Vec<usize, 4> = heapless::Vec::new();
-                                let mut buf = [0f32; 4 * GATES];
-                                for (s, run) in active.by_ref() {
-                                    let (r, i) = (run.first + t, four.len());
-                                    buf[i * GATES..(i + 1) * GATES]
-                                        .copy_from_slice(&gq[r * GATES..(r + 1) * GATES]);
-                                    let _ = four.push(s);
-                                    if four.is_full() {
-                                        break;
-                                    }
-                                }
-                                if four.is_empty() {
-                                    break;
-                                }
-                                let b = four.len();
-                                let xs: [&[f32]; 4] = std::array::from_fn(|i| {
-                                    let s = four[i.min(b - 1)];
-                                    &h[s * hd..(s + 1) * hd]
-                                });
-                                let buf = &mut buf[..b * GATES];
-                                layer.r.add_product(k, q, &xs[..b], buf);
-                                for (&s, g) in four.iter().zip(buf.chunks(GATES)) {
-                                    let u = s * UNITS..(s + 1) * UNITS;
-                                    cell(g, &mut cq[u.clone()], &mut hq[u]);
-                                }
-                            }
-                        }
-                    });
-                }
-                for (s, run) in runs.iter().enumerate().filter(|(_, r)| r.len > t) {
-                    let r = run.first + t;
-                    for q in 0..groups {
-                        let from = &w.h_new[(q * ns + s) * UNITS..(q * ns + s + 1) * UNITS];
-                        w.h[s * hd + q * UNITS..s * hd + (q + 1) * UNITS].copy_from_slice(from);
-                        w.y[r * hd + q * UNITS..r * hd + (q + 1) * UNITS].copy_from_slice(from);
-                    }
-                }
-            }
-            for (s, run) in runs.iter().enumerate() {
-                let st = &mut jobs[run.job].state;
-                st[h_at..h_at + hd].copy_from_slice(&w.h[s * hd..(s + 1) * hd]);
-                for q in 0..groups {
-                    let at = (q * ns + s) * UNITS;
-                    st[c_at + q * UNITS..c_at + (q + 1) * UNITS]
-                        .copy_from_slice(&w.c[at..at + UNITS]);
-                }
+            match layer {
+                Layer::F32(layer) => self.layer_f32(k, layer, l, input, &steps, w, jobs, par),
+                Layer::I8(layer) => self.layer_i8(k, layer, l, input, &steps, w, jobs, par),
             }
             w.x[..n * hd].copy_from_slice(&w.y[..n * hd]);
             input = hd;
@@ -477,6 +453,187 @@ impl Lstm {
                 job.out[at..at + logits.len()].copy_from_slice(logits);
             },
         );
+    }
+
+    /// One int8 layer over the chunk: the input product of every row as one
+    /// GEMM, then per step one GEMM of the recurrent weights over the
+    /// chunk's sequences (each hidden state quantized on its own).
+    #[allow(clippy::too_many_arguments)]
+    fn layer_i8(
+        &self,
+        k: &Kernels,
+        layer: &I8Layer,
+        l: usize,
+        input: usize,
+        st: &Steps<'_>,
+        w: &mut LstmWork,
+        jobs: &mut [RnnJob<'_>],
+        par: &dyn Parallel,
+    ) {
+        let hd = self.hidden;
+        let Steps {
+            rows,
+            runs,
+            n,
+            steps,
+            ..
+        } = *st;
+        let (h_at, c_at, g4) = (l * 2 * hd, l * 2 * hd + hd, 4 * hd);
+        for (s, run) in runs.iter().enumerate() {
+            let st = &jobs[run.job].state;
+            w.h[s * hd..(s + 1) * hd].copy_from_slice(&st[h_at..h_at + hd]);
+            w.c[s * hd..(s + 1) * hd].copy_from_slice(&st[c_at..c_at + hd]);
+        }
+        let gates = &mut w.gates[..n * g4];
+        let x = &w.x[..n * input];
+        run_linear(k, &layer.w, x, |r| rows[r].job, &mut w.qr, gates, par);
+        for t in 0..steps {
+            // The sequences still running at step t, side by side.
+            let mut act: heapless::Vec<(usize, usize), MAX_ROWS> = heapless::Vec::new();
+            for (s, run) in runs.iter().enumerate().filter(|(_, r)| r.len > t) {
+                let _ = act.push((s, run.first + t));
+            }
+            let na = act.len();
+            for (a, &(s, _)) in act.iter().enumerate() {
+                w.h_new[a * hd..(a + 1) * hd].copy_from_slice(&w.h[s * hd..(s + 1) * hd]);
+            }
+            let rec = &mut w.rec[..na * g4];
+            run_linear(k, &layer.r, &w.h_new[..na * hd], |a| a, &mut w.qr, rec, par);
+            for (a, &(s, r)) in act.iter().enumerate() {
+                let g = &mut gates[r * g4..(r + 1) * g4];
+                add(g, &rec[a * g4..(a + 1) * g4]);
+                let (i, rest) = g.split_at(hd);
+                let (o, rest) = rest.split_at(hd);
+                let (f, z) = rest.split_at(hd);
+                let hs = &mut w.h[s * hd..(s + 1) * hd];
+                cell(i, o, f, z, &mut w.c[s * hd..(s + 1) * hd], hs);
+                w.y[r * hd..(r + 1) * hd].copy_from_slice(hs);
+            }
+        }
+        for (s, run) in runs.iter().enumerate() {
+            let st = &mut jobs[run.job].state;
+            st[h_at..h_at + hd].copy_from_slice(&w.h[s * hd..(s + 1) * hd]);
+            st[c_at..c_at + hd].copy_from_slice(&w.c[s * hd..(s + 1) * hd]);
+        }
+    }
+
+    /// One fp32 layer over the chunk: input products of every row, then the
+    /// recurrence step by step, split over threads by unit group.
+    #[allow(clippy::too_many_arguments)]
+    fn layer_f32(
+        &self,
+        k: &Kernels,
+        layer: &F32Layer,
+        l: usize,
+        input: usize,
+        st: &Steps<'_>,
+        w: &mut LstmWork,
+        jobs: &mut [RnnJob<'_>],
+        par: &dyn Parallel,
+    ) {
+        let (hd, groups) = (self.hidden, self.hidden / UNITS);
+        let Steps {
+            runs, n, ns, steps, ..
+        } = *st;
+        let parts = par.threads().clamp(1, groups.min(MAX_PARTS));
+        let per = groups.div_ceil(parts);
+        let parts = groups.div_ceil(per);
+        // This layer's state of each sequence in the chunk.
+        let (h_at, c_at) = (l * 2 * hd, l * 2 * hd + hd);
+        for (s, run) in runs.iter().enumerate() {
+            let st = &jobs[run.job].state;
+            w.h[s * hd..(s + 1) * hd].copy_from_slice(&st[h_at..h_at + hd]);
+            for q in 0..groups {
+                let at = (q * ns + s) * UNITS;
+                w.c[at..at + UNITS].copy_from_slice(&st[c_at + q * UNITS..c_at + (q + 1) * UNITS]);
+            }
+        }
+        // Input products of every row: gates = bias + W·x.
+        {
+            let x = &w.x[..n * input];
+            let gates = split(&mut w.gates[..groups * n * GATES], per * n * GATES);
+            par.run(parts, &|p| {
+                let mut g = gates[p].lock().unwrap_or_else(|e| e.into_inner());
+                for (gq, q) in g.chunks_mut(n * GATES).zip(p * per..) {
+                    let bias = &layer.bias[q * GATES..(q + 1) * GATES];
+                    for (r0, out) in (0..n).step_by(4).zip(gq.chunks_mut(4 * GATES)) {
+                        let b = out.len() / GATES;
+                        let xs: [&[f32]; 4] = std::array::from_fn(|i| {
+                            let r = r0 + i.min(b - 1);
+                            &x[r * input..(r + 1) * input]
+                        });
+                        for o in out.chunks_mut(GATES) {
+                            o.copy_from_slice(bias);
+                        }
+                        layer.w.add_product(k, q, &xs[..b], out);
+                    }
+                }
+            });
+        }
+        // The recurrence, one step of every sequence at a time.
+        for t in 0..steps {
+            {
+                let h = &w.h[..ns * hd];
+                let gates = split(&mut w.gates[..groups * n * GATES], per * n * GATES);
+                let cs = split(&mut w.c[..groups * ns * UNITS], per * ns * UNITS);
+                let hs = split(&mut w.h_new[..groups * ns * UNITS], per * ns * UNITS);
+                let runs = &runs;
+                par.run(parts, &|p| {
+                    let mut g = gates[p].lock().unwrap_or_else(|e| e.into_inner());
+                    let mut c = cs[p].lock().unwrap_or_else(|e| e.into_inner());
+                    let mut hn = hs[p].lock().unwrap_or_else(|e| e.into_inner());
+                    let per_q = g.chunks_mut(n * GATES);
+                    let per_q = per_q.zip(c.chunks_mut(ns * UNITS));
+                    for (((gq, cq), hq), q) in per_q.zip(hn.chunks_mut(ns * UNITS)).zip(p * per..) {
+                        let mut active = runs.iter().enumerate().filter(|(_, r)| r.len > t);
+                        loop {
+                            // Up to 4 sequences through the panel at once.
+                            let mut four: heapless::Vec<usize, 4> = heapless::Vec::new();
+                            let mut buf = [0f32; 4 * GATES];
+                            for (s, run) in active.by_ref() {
+                                let (r, i) = (run.first + t, four.len());
+                                buf[i * GATES..(i + 1) * GATES]
+                                    .copy_from_slice(&gq[r * GATES..(r + 1) * GATES]);
+                                let _ = four.push(s);
+                                if four.is_full() {
+                                    break;
+                                }
+                            }
+                            if four.is_empty() {
+                                break;
+                            }
+                            let b = four.len();
+                            let xs: [&[f32]; 4] = std::array::from_fn(|i| {
+                                let s = four[i.min(b - 1)];
+                                &h[s * hd..(s + 1) * hd]
+                            });
+                            let buf = &mut buf[..b * GATES];
+                            layer.r.add_product(k, q, &xs[..b], buf);
+                            for (&s, g) in four.iter().zip(buf.chunks(GATES)) {
+                                let u = s * UNITS..(s + 1) * UNITS;
+                                group_cell(g, &mut cq[u.clone()], &mut hq[u]);
+                            }
+                        }
+                    }
+                });
+            }
+            for (s, run) in runs.iter().enumerate().filter(|(_, r)| r.len > t) {
+                let r = run.first + t;
+                for q in 0..groups {
+                    let from = &w.h_new[(q * ns + s) * UNITS..(q * ns + s + 1) * UNITS];
+                    w.h[s * hd + q * UNITS..s * hd + (q + 1) * UNITS].copy_from_slice(from);
+                    w.y[r * hd + q * UNITS..r * hd + (q + 1) * UNITS].copy_from_slice(from);
+                }
+            }
+        }
+        for (s, run) in runs.iter().enumerate() {
+            let st = &mut jobs[run.job].state;
+            st[h_at..h_at + hd].copy_from_slice(&w.h[s * hd..(s + 1) * hd]);
+            for q in 0..groups {
+                let at = (q * ns + s) * UNITS;
+                st[c_at + q * UNITS..c_at + (q + 1) * UNITS].copy_from_slice(&w.c[at..at + UNITS]);
+            }
+        }
     }
 }
 
@@ -707,5 +864,91 @@ impl Backend for LstmBackend {
         }
         self.run(&mut jobs);
         self.run(&mut rest);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pb::attribute_proto::AttributeType;
+
+    fn lstm(attrs: Vec<pb::AttributeProto>) -> pb::NodeProto {
+        pb::NodeProto {
+            op_type: "LSTM".into(),
+            attribute: attrs,
+            ..Default::default()
+        }
+    }
+
+    fn string(name: &str, v: &str) -> pb::AttributeProto {
+        pb::AttributeProto {
+            name: name.into(),
+            r#type: AttributeType::String as i32,
+            s: v.as_bytes().to_vec(),
+            ..Default::default()
+        }
+    }
+
+    fn int(name: &str, v: i64) -> pb::AttributeProto {
+        pb::AttributeProto {
+            name: name.into(),
+            r#type: AttributeType::Int as i32,
+            i: v,
+            ..Default::default()
+        }
+    }
+
+    /// What the cell computes is what the attributes say, or the layer is refused.
+    #[test]
+    fn only_plain_forward_lstms_are_taken() {
+        assert!(check_attrs(&lstm(vec![]), 16).is_ok());
+        let plain = vec![string("direction", "forward"), int("hidden_size", 16)];
+        assert!(check_attrs(&lstm(plain), 16).is_ok());
+        for (attrs, why) in [
+            (vec![string("direction", "bidirectional")], "forward"),
+            (vec![string("direction", "reverse")], "forward"),
+            (vec![int("hidden_size", 32)], "hidden_size"),
+            (vec![int("input_forget", 1)], "input-forget"),
+            (vec![int("layout", 1)], "layout"),
+            (
+                vec![pb::AttributeProto {
+                    name: "clip".into(),
+                    r#type: AttributeType::Float as i32,
+                    f: 3.0,
+                    ..Default::default()
+                }],
+                "clipping",
+            ),
+            (
+                vec![pb::AttributeProto {
+                    name: "activations".into(),
+                    r#type: AttributeType::Strings as i32,
+                    strings: vec![b"Relu".to_vec(), b"Tanh".to_vec(), b"Tanh".to_vec()],
+                    ..Default::default()
+                }],
+                "activations",
+            ),
+        ] {
+            let e = check_attrs(&lstm(attrs), 16).unwrap_err();
+            assert!(e.contains(why), "{e}");
+        }
+    }
+
+    /// The cell against its definition in f64 (ONNX LSTM, gates i, o, f, c).
+    #[test]
+    fn cell_follows_the_onnx_equations() {
+        let g: Vec<f32> = (0..GATES).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
+        let mut c: Vec<f32> = (0..UNITS).map(|u| u as f32 * 0.1 - 0.8).collect();
+        let c0 = c.clone();
+        let mut h = vec![0f32; UNITS];
+        group_cell(&g, &mut c, &mut h);
+        let s = |x: f32| 1.0 / (1.0 + (-(x as f64)).exp());
+        for u in 0..UNITS {
+            let (i, o, f) = (s(g[u]), s(g[UNITS + u]), s(g[2 * UNITS + u]));
+            let z = (g[3 * UNITS + u] as f64).tanh();
+            let cn = f * c0[u] as f64 + i * z;
+            assert!((c[u] as f64 - cn).abs() < 1e-6, "c[{u}]");
+            assert!((h[u] as f64 - o * cn.tanh()).abs() < 1e-6, "h[{u}]");
+        }
     }
 }
