@@ -458,6 +458,9 @@ pub struct BenchReport {
     pub model: String,
     /// Threads per forward pass.
     pub threads: usize,
+    /// fp32 weights quantized to int8 at load (`--quantize-fp32`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub quantize_fp32: bool,
     /// Prompt length.
     pub prompt_tokens: usize,
     /// Generated tokens per run.
@@ -576,6 +579,7 @@ fn cmd_bench(a: BenchArgs) -> anyhow::Result<()> {
         backend,
         model: a.model.model.display().to_string(),
         threads: a.model.threads,
+        quantize_fp32: a.model.quantize_fp32,
         prompt_tokens: a.prompt_tokens,
         gen_tokens: a.gen_tokens,
         runs: a.runs,
