@@ -506,17 +506,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// Peak resident set size of this process, from /proc (0 where unavailable).
 pub fn peak_rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
-                l.split_whitespace()
-                    .nth(1)
-                    .and_then(|kb| kb.parse::<u64>().ok())
-                    .map(|kb| kb * 1024)
-            })
-        })
-        .unwrap_or(0)
+    crate::engine::proc_memory("VmHWM:")
 }
 
 fn progress(len: u64, what: &str) -> indicatif::ProgressBar {

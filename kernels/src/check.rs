@@ -224,3 +224,39 @@ pub(crate) fn panel_f32(f: fn(&[&[f32]], &[f32], &mut [f32])) {
         },
     );
 }
+
+/// Activation ranges with the extremes, zero-crossing or not, and empty.
+fn activations() -> impl Strategy<Value = Vec<f32>> {
+    prop_oneof![
+        proptest::collection::vec(-50f32..50.0, 0..300),
+        proptest::collection::vec(0.5f32..8.0, 1..100),
+        proptest::collection::vec(-8f32..-0.5, 1..100),
+        proptest::collection::vec(Just(0f32), 0..40),
+    ]
+}
+
+/// Quantization parameters: equal to the reference's, bit for bit.
+pub(crate) fn dynamic_params(f: fn(&[f32]) -> (f32, u8)) {
+    run(activations(), |x| {
+        let (a, b) = (f(&x), crate::quant::dynamic_params(&x));
+        prop_assert_eq!(a.0.to_bits(), b.0.to_bits());
+        prop_assert_eq!(a.1, b.1);
+        Ok(())
+    });
+}
+
+/// Quantized values: equal to the reference's, with the input's own
+/// parameters and with a wider tensor's (values outside clamp).
+pub(crate) fn quantize_u8(f: fn(&[f32], f32, u8, &mut [u8])) {
+    run((activations(), any::<bool>()), |(x, wide)| {
+        let (mut s, mut z) = crate::quant::dynamic_params(&x);
+        if wide {
+            (s, z) = (s * 0.5, z / 2);
+        }
+        let (mut a, mut b) = (vec![0u8; x.len()], vec![0u8; x.len()]);
+        f(&x, s, z, &mut a);
+        crate::quant::quantize_u8(&x, s, z, &mut b);
+        prop_assert_eq!(a, b);
+        Ok(())
+    });
+}

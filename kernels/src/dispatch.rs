@@ -155,6 +155,10 @@ pub struct Kernels {
     pub pv_f32: fn(&[f32], f32, &[f32], &mut [f32]),
     /// A float product on a panel of 64 columns for 1–4 rows, see [`generic::panel_f32`].
     pub panel_f32: fn(&[&[f32]], &[f32], &mut [f32]),
+    /// `DynamicQuantizeLinear`'s parameters of a tensor, see [`crate::quant::dynamic_params`].
+    pub dynamic_params: fn(&[f32]) -> (f32, u8),
+    /// u8 quantization with given parameters, see [`crate::quant::quantize_u8`].
+    pub quantize_u8: fn(&[f32], f32, u8, &mut [u8]),
 }
 
 impl Kernels {
@@ -170,6 +174,8 @@ impl Kernels {
             qk_f32: generic::qk_f32,
             pv_f32: generic::pv_f32,
             panel_f32: generic::panel_f32,
+            dynamic_params: crate::quant::dynamic_params,
+            quantize_u8: crate::quant::quantize_u8,
         }
     }
 

@@ -281,36 +281,19 @@ pub fn pv_f32(p: &[f32], scale: f32, vals: &[f32], out: &mut [f32]) {
     pv_body(p, scale, vals, out)
 }
 
-/// The body of [`pv_f32`]: the output is held in registers [`LANES`] at a
-/// time while the rows stream by, four rows at once into four accumulators
-/// (one chain of dependent additions would wait on the adder's latency).
+/// The body of [`pv_f32`]: the output is held in registers, up to four
+/// [`LANES`]-wide chunks (64 values, a whole attention head) at a time, while
+/// the value rows stream by once; each output lane sums its rows in order.
 #[inline(always)]
 pub(crate) fn pv_body(p: &[f32], scale: f32, vals: &[f32], out: &mut [f32]) {
     let d = out.len();
     let mut c = 0;
+    while c + 4 * LANES <= d {
+        pv_cols::<4>(p, scale, vals, d, c, out);
+        c += 4 * LANES;
+    }
     while c + LANES <= d {
-        let mut acc = [[0f32; LANES]; 4];
-        let quads = p.len() / 4;
-        for i in 0..quads {
-            for (j, a) in acc.iter_mut().enumerate() {
-                let s = 4 * i + j;
-                let ps = p[s] * scale;
-                let v = &vals[s * d + c..s * d + c + LANES];
-                for l in 0..LANES {
-                    a[l] += ps * v[l];
-                }
-            }
-        }
-        for s in 4 * quads..p.len() {
-            let ps = p[s] * scale;
-            let v = &vals[s * d + c..s * d + c + LANES];
-            for l in 0..LANES {
-                acc[0][l] += ps * v[l];
-            }
-        }
-        for (l, o) in out[c..c + LANES].iter_mut().enumerate() {
-            *o += (acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l]);
-        }
+        pv_cols::<1>(p, scale, vals, d, c, out);
         c += LANES;
     }
     if c < d {
@@ -319,6 +302,33 @@ pub(crate) fn pv_body(p: &[f32], scale: f32, vals: &[f32], out: &mut [f32]) {
             for (o, v) in out[c..].iter_mut().zip(&vals[s * d + c..(s + 1) * d]) {
                 *o += ps * v;
             }
+        }
+    }
+}
+
+/// Columns `c..c + W·LANES` of [`pv_body`], accumulated in `W` registers.
+#[inline(always)]
+fn pv_cols<const W: usize>(
+    p: &[f32],
+    scale: f32,
+    vals: &[f32],
+    d: usize,
+    c: usize,
+    out: &mut [f32],
+) {
+    let mut acc = [[0f32; LANES]; W];
+    for (s, &ps) in p.iter().enumerate() {
+        let ps = ps * scale;
+        let v = &vals[s * d + c..s * d + c + W * LANES];
+        for (w, a) in acc.iter_mut().enumerate() {
+            for l in 0..LANES {
+                a[l] += ps * v[w * LANES + l];
+            }
+        }
+    }
+    for (w, a) in acc.iter().enumerate() {
+        for l in 0..LANES {
+            out[c + w * LANES + l] += a[l];
         }
     }
 }

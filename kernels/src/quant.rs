@@ -29,6 +29,13 @@ pub fn dynamic_quantize_u8(x: &[f32], q: &mut [u8]) -> (f32, u8) {
 /// The `(scale, zero_point)` [`dynamic_quantize_u8`] chooses for `x`, for
 /// quantizing a part of a tensor as onnxruntime quantizes the whole of it.
 pub fn dynamic_params(x: &[f32]) -> (f32, u8) {
+    dynamic_params_body(x)
+}
+
+/// The body of [`dynamic_params`], inlined into each ISA's copy
+/// ([`crate::Kernels::dynamic_params`]).
+#[inline(always)]
+pub(crate) fn dynamic_params_body(x: &[f32]) -> (f32, u8) {
     // 16 independent lanes, compared with `<`/`>` (f32::min/max's NaN rules
     // keep LLVM from vectorizing); the range includes 0 as ONNX specifies.
     const L: usize = 16;
@@ -60,16 +67,32 @@ pub fn dynamic_params(x: &[f32]) -> (f32, u8) {
 /// `q = clamp(round(x / scale) + zero_point)` with parameters from
 /// [`dynamic_params`] of `x` or of a tensor holding it; scale 0 gives zeros.
 pub fn quantize_u8(x: &[f32], scale: f32, zero_point: u8, q: &mut [u8]) {
+    check_quantize(x, q);
+    quantize_u8_body(x, scale, zero_point, q)
+}
+
+/// Panics unless `x` and `q` have one length (for [`quantize_u8`]).
+pub fn check_quantize(x: &[f32], q: &[u8]) {
     assert_eq!(x.len(), q.len(), "input and output lengths differ");
+}
+
+/// The body of [`quantize_u8`], inlined into each ISA's copy
+/// ([`crate::Kernels::quantize_u8`]): a division per value, as ONNX specifies,
+/// which wide vectors make cheap.
+#[inline(always)]
+pub(crate) fn quantize_u8_body(x: &[f32], scale: f32, zero_point: u8, q: &mut [u8]) {
     if scale == 0.0 {
         q.fill(0);
         return;
     }
     let zp = zero_point as f32;
     for (o, &v) in q.iter_mut().zip(x) {
-        // x/scale lies in [-255, 255] for x inside the range.
-        // Clamped and integral: the i32 conversion is exact (and vectorizes).
-        *o = (round_even(v / scale) + zp).clamp(0.0, 255.0) as i32 as u8;
+        // x/scale lies in [-255, 255] for x inside the range. Clamped and
+        // integral, the value is the low byte of its bits once 2²³ is added
+        // (a NaN gives 0, as `as u8` would). A float-to-int cast instead
+        // checks each lane for NaN and overflow, which keeps this scalar.
+        let r = (round_even(v / scale) + zp).clamp(0.0, 255.0);
+        *o = (r + 8_388_608.0).to_bits() as u8;
     }
 }
 

@@ -20,6 +20,8 @@ pub(crate) fn plug(k: &mut Kernels, limit: Isa) {
         k.qk_f32 = qk_f32_avx2;
         k.pv_f32 = pv_f32_avx2;
         k.panel_f32 = panel_f32_avx2;
+        k.dynamic_params = dynamic_params_avx2;
+        k.quantize_u8 = quantize_u8_avx2;
         k.dot_u8i8 = dot_u8i8_avx2;
         k.dot_i8i8 = dot_i8i8_avx2;
         k.tile_u8i8 = tile_u8i8_avx2;
@@ -34,6 +36,8 @@ pub(crate) fn plug(k: &mut Kernels, limit: Isa) {
         k.qk_f32 = qk_f32_avx512;
         k.pv_f32 = pv_f32_avx512;
         k.panel_f32 = panel_f32_avx512;
+        k.dynamic_params = dynamic_params_avx512;
+        k.quantize_u8 = quantize_u8_avx512;
     }
 }
 
@@ -69,11 +73,60 @@ kernel! { panel_f32:
     pub fn panel_f32_avx512 = float::panel_avx512, isa = "AVX-512 F, BW and VNNI", when = has_avx512vnni();
 }
 
+kernel! { dynamic_params:
+    /// Activation range with 256-bit vectors: the reference's code.
+    pub fn dynamic_params_avx2 = float::range_avx2, isa = "AVX2 and FMA", when = has_avx2();
+}
+
+kernel! { dynamic_params:
+    /// Activation range with 512-bit vectors: the reference's code.
+    pub fn dynamic_params_avx512 = float::range_avx512, isa = "AVX-512 F, BW and VNNI", when = has_avx512vnni();
+}
+
+kernel! { quantize_u8:
+    /// u8 quantization with 256-bit vectors (eight divisions at once).
+    pub fn quantize_u8_avx2 = float::quantize_avx2, isa = "AVX2 and FMA", when = has_avx2();
+}
+
+kernel! { quantize_u8:
+    /// u8 quantization with 512-bit vectors (sixteen divisions at once).
+    pub fn quantize_u8_avx512 = float::quantize_avx512, isa = "AVX-512 F, BW and VNNI", when = has_avx512vnni();
+}
+
 /// The float kernels: the generic lane-wise bodies, compiled with wider
 /// vectors. No FMA contraction happens (Rust does not fuse `a * b + c`), so
 /// results equal the reference bit for bit.
 mod float {
     use crate::generic::{panel_rows, pv_body, qk_body};
+    use crate::quant::{dynamic_params_body, quantize_u8_body};
+
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn range_avx2(x: &[f32]) -> (f32, u8) {
+        dynamic_params_body(x)
+    }
+
+    /// # Safety
+    /// The CPU must support AVX-512 F.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn range_avx512(x: &[f32]) -> (f32, u8) {
+        dynamic_params_body(x)
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn quantize_avx2(x: &[f32], scale: f32, zp: u8, q: &mut [u8]) {
+        quantize_u8_body(x, scale, zp, q)
+    }
+
+    /// # Safety
+    /// The CPU must support AVX-512 F.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn quantize_avx512(x: &[f32], scale: f32, zp: u8, q: &mut [u8]) {
+        quantize_u8_body(x, scale, zp, q)
+    }
 
     /// # Safety
     /// The CPU must support AVX2 and FMA.

@@ -282,9 +282,12 @@ impl Model {
         dir.verify_checksum(&bytes)?;
         let proto = crate::model::parse_proto(&dir.onnx, &bytes)?;
         drop(bytes);
+        load_stage("parsed");
         let tract = tract::TractBackend::from_proto(&dir, &proto, opts)?;
+        load_stage("tract ready");
         let backend = choose_backend(&dir, &proto, tract, opts)?;
         drop(proto);
+        load_stage("backend chosen");
         let mut eos_ids = dir.eos_ids.clone();
         if eos_ids.is_empty() {
             eos_ids.extend(
@@ -317,6 +320,34 @@ impl Model {
     }
 }
 
+/// A `/proc/self/status` memory figure in bytes (`"VmRSS:"`, `"VmHWM:"`), 0
+/// where unavailable.
+pub fn proc_memory(key: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(key))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Log (debug) the process's resident and peak memory after a load stage:
+/// where a big model's load peak comes from.
+fn load_stage(stage: &str) {
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        let mib = |key| proc_memory(key) >> 20;
+        tracing::debug!(
+            stage,
+            rss_mib = mib("VmRSS:"),
+            peak_mib = mib("VmHWM:"),
+            "model load"
+        );
+    }
+}
+
 /// Apply [`LoadOptions::backend`]: try the native engine unless told not to,
 /// keep tract when native does not recognise the graph or disagrees with it
 /// (an error instead when native was required).
@@ -330,8 +361,10 @@ fn choose_backend(
         return Ok(Box::new(tract));
     }
     let t0 = Instant::now();
-    let native = native::load(dir, proto, tract.family(), opts)
-        .and_then(|n| native::check_against(&*n.backend, &tract).map(|diff| (n, diff)));
+    let native = native::load(dir, proto, tract.family(), opts).and_then(|n| {
+        load_stage("native packed");
+        native::check_against(&*n.backend, &tract).map(|diff| (n, diff))
+    });
     match native {
         Ok((n, diff)) => {
             tracing::info!(

@@ -3,7 +3,6 @@
 //! All work in caller-provided buffers (no allocation per token).
 
 use ember_kernels::gemv::{self, PackedI8, Parallel, QVec};
-use ember_kernels::quant::{dynamic_params, quantize_u8};
 use ember_kernels::Kernels;
 
 use super::graph::{Graph, Linear, Unrecognized, Values};
@@ -202,16 +201,17 @@ impl QRows {
     ) -> heapless::Vec<QVec<'_>, MAX_ROWS> {
         let n = src.len() / cols;
         assert!(n <= MAX_ROWS && n * cols == src.len());
+        let k = ember_kernels::kernels();
         let (mut start, mut m) = (0, 0);
         while start < n {
             let mut end = start + 1;
             while end < n && group(end) == group(start) {
                 end += 1;
             }
-            let (s, z) = dynamic_params(&src[start * cols..end * cols]);
+            let (s, z) = (k.dynamic_params)(&src[start * cols..end * cols]);
             for r in (start..end).filter(|&r| keep(r)) {
                 let q = &mut self.q[m * cols..(m + 1) * cols];
-                quantize_u8(&src[r * cols..(r + 1) * cols], s, z, q);
+                (k.quantize_u8)(&src[r * cols..(r + 1) * cols], s, z, q);
                 self.scale[m] = s;
                 self.zp[m] = z;
                 m += 1;
