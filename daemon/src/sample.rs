@@ -179,19 +179,14 @@ impl Sampler {
         self.apply_penalties(logits);
         // The normaliser costs an exp per vocabulary entry (as much as a small
         // model's whole step): only computed when logprobs were asked for.
-        let want = self.params.logprobs.is_some();
-        let (max, log_z) = if want {
-            log_sum_exp(logits)
-        } else {
-            (
-                logits.iter().copied().fold(f32::NEG_INFINITY, f32::max),
-                f32::NAN,
-            )
+        let log_z = match self.params.logprobs {
+            Some(_) => log_sum_exp(logits).1,
+            None => f32::NAN,
         };
         let token = if self.params.temperature == 0.0 {
             argmax(logits)
         } else {
-            self.draw(logits, max)
+            self.draw(logits)
         };
         let mut top = TopLogprobs::new();
         if let Some(n) = self.params.logprobs.filter(|&n| n > 0) {
@@ -234,8 +229,9 @@ impl Sampler {
     }
 
     /// Temperature, top-k, min-p, top-p, then one draw.
-    fn draw(&mut self, logits: &[f32], max: f32) -> u32 {
+    fn draw(&mut self, logits: &[f32]) -> u32 {
         let p = self.params.clone();
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         self.cands.clear();
         if p.top_k > 0 && p.top_k <= TOP_K_HEAP {
             self.cands.extend(top_k::<TOP_K_HEAP>(logits, p.top_k));

@@ -7,7 +7,7 @@ use ember_kernels::Kernels;
 use super::graph::{attr, Graph, Linear, Unrecognized};
 use super::kv::{KvArena, KvShape};
 use super::ops::{
-    add, attend_rows, job_logits, run_linear, store_kv, Embedding, Heads, Norm, Work,
+    add, attend_rows, head_logits, run_linear, store_kv, Embedding, Heads, Norm, Work,
 };
 use super::{Job, Row};
 use crate::model::DecoderIo;
@@ -45,16 +45,8 @@ impl Gpt2 {
             .position_ids
             .as_deref()
             .ok_or("no position_ids input (learned positions need it)")?;
-        let gather_of = |input: &str| {
-            g.nodes()
-                .iter()
-                .find(|n| {
-                    n.op_type == "Gather" && n.input.get(1).map(|s| s.as_str()) == Some(input)
-                })
-                .ok_or_else(|| format!("no embedding lookup of '{input}'"))
-        };
-        let wte = Embedding::from_gather(g, gather_of(&io.input_ids)?)?;
-        let wpe = Embedding::from_gather(g, gather_of(pos_ids)?)?;
+        let wte = Embedding::from_gather(g, g.gather_of(&io.input_ids)?)?;
+        let wpe = Embedding::from_gather(g, g.gather_of(pos_ids)?)?;
         let lns: Vec<_> = g
             .nodes()
             .iter()
@@ -264,6 +256,6 @@ impl Gpt2 {
             add(x, &tmp[..n * h]);
         }
         self.ln_f.apply_layer(x, hb);
-        job_logits(k, &self.head, &hb[..n * h], rows, jobs, qr, logits, par);
+        head_logits(k, &self.head, &hb[..n * h], rows, jobs, qr, logits, par);
     }
 }

@@ -115,6 +115,14 @@ impl<'a> Graph<'a> {
         }
     }
 
+    /// The `Gather` looking up `indices` (an embedding table's lookup).
+    pub fn gather_of(&self, indices: &str) -> Result<&'a pb::NodeProto, Unrecognized> {
+        self.nodes()
+            .iter()
+            .find(|n| n.op_type == "Gather" && n.input.get(1).is_some_and(|i| i == indices))
+            .ok_or_else(|| format!("no embedding lookup of '{indices}'"))
+    }
+
     /// Whether an `op` node reads `tensor` (among any others).
     pub fn read_by(&self, tensor: &str, op: &str) -> bool {
         self.consumers
@@ -142,14 +150,19 @@ impl<'a> Graph<'a> {
         self.tensor_proto(name).is_some()
     }
 
-    /// A constant's shape and values.
-    pub fn konst(&self, name: &str) -> Result<(Vec<usize>, Values), Unrecognized> {
+    /// A constant, read (external data resolved) as a tract tensor.
+    fn tensor(&self, name: &str) -> Result<Tensor, Unrecognized> {
         let t = self
             .tensor_proto(name)
             .ok_or_else(|| format!("'{name}' is not a constant"))?;
         let resolver = tract_onnx::data_resolver::default();
-        let tensor = tract_onnx::tensor::load_tensor(&*resolver, t, Some(&self.dir))
-            .map_err(|e| format!("cannot read '{name}': {e:#}"))?;
+        tract_onnx::tensor::load_tensor(&*resolver, t, Some(&self.dir))
+            .map_err(|e| format!("cannot read '{name}': {e:#}"))
+    }
+
+    /// A constant's shape and values.
+    pub fn konst(&self, name: &str) -> Result<(Vec<usize>, Values), Unrecognized> {
+        let tensor = self.tensor(name)?;
         let shape = tensor.shape().to_vec();
         let vals = match tensor.datum_type() {
             DatumType::F32 => Values::F32(slice::<f32>(&tensor)?),
@@ -162,9 +175,7 @@ impl<'a> Graph<'a> {
 
     /// A constant integer tensor (shapes, slice bounds, axes), as i64s.
     pub fn ints(&self, name: &str) -> Option<Vec<i64>> {
-        let t = self.tensor_proto(name)?;
-        let resolver = tract_onnx::data_resolver::default();
-        let t = tract_onnx::tensor::load_tensor(&*resolver, t, Some(&self.dir)).ok()?;
+        let t = self.tensor(name).ok()?;
         let t = t.cast_to::<i64>().ok()?;
         slice::<i64>(&t).ok()
     }

@@ -11,7 +11,7 @@ use ember_kernels::Kernels;
 use super::graph::{Graph, Linear, Unrecognized, Values};
 use super::kv::{KvArena, KvShape};
 use super::ops::{
-    add, attend_rows, job_logits, product, run_linear, store_kv, Embedding, Heads, Work,
+    add, attend_rows, head_logits, product, run_linear, store_kv, Embedding, Heads, Work,
 };
 use super::{Job, Row};
 use crate::model::DecoderIo;
@@ -123,12 +123,7 @@ impl Llama {
         )?;
         let l = io.layers.len();
         let hd = io.head_dim;
-        let embed = g
-            .nodes()
-            .iter()
-            .find(|n| n.op_type == "Gather" && n.input.get(1) == Some(&io.input_ids))
-            .ok_or("no embedding lookup of the token ids")?;
-        let embed = Embedding::from_gather(g, embed)?;
+        let embed = Embedding::from_gather(g, g.gather_of(&io.input_ids)?)?;
         let hidden = embed.cols();
         if hd == 0 || !hidden.is_multiple_of(hd) || !(hidden / hd).is_multiple_of(io.kv_heads) {
             return Err(format!(
@@ -353,7 +348,7 @@ impl Llama {
             add(x, &tmp[..n * h]);
         }
         self.norm.apply(x, hb);
-        job_logits(k, &self.head, &hb[..n * h], rows, jobs, qr, logits, par);
+        head_logits(k, &self.head, &hb[..n * h], rows, jobs, qr, logits, par);
     }
 }
 

@@ -240,11 +240,7 @@ impl Lstm {
         if hidden == 0 || !hidden.is_multiple_of(UNITS) {
             return Err(format!("hidden size {hidden} is not a multiple of {UNITS}"));
         }
-        let gather = g
-            .nodes()
-            .iter()
-            .find(|n| n.op_type == "Gather" && n.input.get(1) == Some(&io.input_ids))
-            .ok_or("no embedding lookup of the token ids")?;
+        let gather = g.gather_of(&io.input_ids)?;
         let embed = Embedding::from_gather(g, gather)?;
         let mut layers = vec![];
         let mut input = embed.cols();
@@ -284,17 +280,9 @@ impl Lstm {
                 Some(_) => mat(3, &[1, 8 * hidden])?,
                 None => vec![0.0; 8 * hidden],
             };
-            let mut bias = Vec::with_capacity(4 * hidden);
-            for q in 0..hidden / UNITS {
-                for gate in 0..4 {
-                    for u in 0..UNITS {
-                        let at = gate * hidden + q * UNITS + u;
-                        bias.push(b[at] + b[4 * hidden + at]);
-                    }
-                }
-            }
+            // ONNX adds both biases; one sum, in gate order.
+            let bias: Vec<f32> = (0..4 * hidden).map(|j| b[j] + b[4 * hidden + j]).collect();
             layers.push(if quantize_fp32 {
-                let bias: Vec<f32> = (0..4 * hidden).map(|j| b[j] + b[4 * hidden + j]).collect();
                 Layer::I8(I8Layer {
                     w: Linear {
                         w: PackedI8::quantize(&w, 4 * hidden, input),
@@ -311,7 +299,8 @@ impl Lstm {
                 Layer::F32(F32Layer {
                     w: Panels::pack(&w, hidden, input),
                     r: Panels::pack(&r, hidden, hidden),
-                    bias,
+                    // The panels' order: a one-column matrix.
+                    bias: Panels::pack(&bias, hidden, 1).data,
                 })
             });
             for (j, whole) in [(1, &io.hn), (2, &io.cn)] {
@@ -439,20 +428,8 @@ impl Lstm {
             w.x[..n * hd].copy_from_slice(&w.y[..n * hd]);
             input = hd;
         }
-        head_logits(
-            k,
-            &self.head,
-            &w.y[..n * hd],
-            rows,
-            &mut w.qr,
-            &mut w.logits,
-            par,
-            |row, logits| {
-                let job = &mut jobs[row.job];
-                let at = if job.all { row.t * logits.len() } else { 0 };
-                job.out[at..at + logits.len()].copy_from_slice(logits);
-            },
-        );
+        let y = &w.y[..n * hd];
+        head_logits(k, &self.head, y, rows, jobs, &mut w.qr, &mut w.logits, par);
     }
 
     /// One int8 layer over the chunk: the input product of every row as one

@@ -160,8 +160,8 @@ pub fn load(
     opts: &LoadOptions,
 ) -> Result<Loaded, Unrecognized> {
     match family {
-        Family::Decoder(_) => {
-            let n = NativeBackend::load(dir, proto, family, opts)?;
+        Family::Decoder(io) => {
+            let n = NativeBackend::load(dir, proto, io, opts)?;
             Ok(Loaded {
                 weight_bytes: n.weight_bytes,
                 kv_bytes: n.kv_bytes,
@@ -287,13 +287,10 @@ impl NativeBackend {
     pub fn load(
         dir: &ModelDir,
         proto: &pb::ModelProto,
-        family: &Family,
+        io: &crate::model::DecoderIo,
         opts: &LoadOptions,
     ) -> Result<NativeBackend, Unrecognized> {
         let g = graph::Graph::new(proto, &dir.root);
-        let Family::Decoder(io) = family else {
-            return Err("not a decoder".into());
-        };
         let net = Net::recognize(&g, io, dir.context_length(), opts.quantize_fp32)?;
         let (shape, max_pos) = (net.kv_shape(), net.max_positions());
         let context = dir.context_length().unwrap_or(max_pos).min(max_pos);
@@ -305,7 +302,7 @@ impl NativeBackend {
         let work = net.new_work(arena, context);
         let threads = spin_pool(opts)?;
         Ok(NativeBackend {
-            family: family.clone(),
+            family: Family::Decoder(io.clone()),
             net,
             work: Mutex::new(work),
             pool,

@@ -7,7 +7,7 @@ use ember_kernels::Kernels;
 
 use super::graph::{Graph, Linear, Unrecognized, Values};
 use super::kv::{KvArena, SeqBlocks, BLOCK};
-use super::{Job, Row};
+use super::{Job, Row, Sequence};
 use tract_onnx::pb;
 
 /// Token rows a step computes at once (longer prompts go in chunks).
@@ -302,20 +302,21 @@ pub fn add(x: &mut [f32], y: &[f32]) {
 }
 
 /// The output head on the final-normed rows `x` (one per row of `rows`),
-/// for the rows that want logits, copied into their jobs' outputs. The head's
-/// input is quantized per group with the parameters of all its rows, as the
-/// graph quantizes the whole tensor before the last position is taken, so a
-/// prompt's last logits equal onnxruntime's.
+/// for the rows that want logits, copied into their jobs' outputs (decoder
+/// and recurrent jobs alike). The head's input is quantized per group with
+/// the parameters of all its rows, as the graph quantizes the whole tensor
+/// before the last position is taken, so a prompt's last logits equal
+/// onnxruntime's.
 #[allow(clippy::too_many_arguments)]
-pub fn head_logits(
+pub fn head_logits<J: Sequence>(
     k: &Kernels,
     head: &Linear,
     x: &[f32],
     rows: &[Row],
+    jobs: &mut [J],
     qr: &mut QRows,
     logits: &mut [f32],
     par: &dyn Parallel,
-    mut emit: impl FnMut(&Row, &[f32]),
 ) {
     let xs = qr.quantize_where(x, head.w.cols(), |r| rows[r].job, |r| rows[r].want);
     if xs.is_empty() {
@@ -324,27 +325,10 @@ pub fn head_logits(
     product(k, head, &xs, logits, par);
     let vocab = head.w.rows();
     for (m, row) in rows.iter().filter(|r| r.want).enumerate() {
-        emit(row, &logits[m * vocab..(m + 1) * vocab]);
-    }
-}
-
-/// [`head_logits`] writing into the decoder jobs' outputs.
-#[allow(clippy::too_many_arguments)]
-pub fn job_logits(
-    k: &Kernels,
-    head: &Linear,
-    x: &[f32],
-    rows: &[Row],
-    jobs: &mut [Job<'_>],
-    qr: &mut QRows,
-    logits: &mut [f32],
-    par: &dyn Parallel,
-) {
-    head_logits(k, head, x, rows, qr, logits, par, |row, l| {
         let job = &mut jobs[row.job];
-        let at = if job.all { row.t * l.len() } else { 0 };
-        job.out[at..at + l.len()].copy_from_slice(l);
-    })
+        let at = if job.all() { row.t * vocab } else { 0 };
+        job.out()[at..at + vocab].copy_from_slice(&logits[m * vocab..(m + 1) * vocab]);
+    }
 }
 
 /// Layer norm with scale and shift.
