@@ -260,3 +260,34 @@ pub(crate) fn quantize_u8(f: fn(&[f32], f32, u8, &mut [u8])) {
         Ok(())
     });
 }
+
+/// Activations: every ISA's copy gives the reference's bits, for each kind,
+/// over ranges that reach the clamps of `exp` and `tanh`.
+pub(crate) fn act_f32(f: fn(crate::nn::Act, &mut [f32])) {
+    let xs = prop_oneof![
+        proptest::collection::vec(-12f32..12.0, 0..200),
+        proptest::collection::vec(-200f32..200.0, 0..200),
+    ];
+    run(xs, |x| {
+        for act in crate::nn::Act::ALL {
+            let (mut a, mut b) = (x.clone(), x.clone());
+            f(act, &mut a);
+            crate::nn::act_f32(act, &mut b);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            prop_assert_eq!(bits(&a), bits(&b), "{:?}", act);
+        }
+        Ok(())
+    });
+}
+
+/// Softmax numerators and their sum: the reference's bits.
+pub(crate) fn softmax_f32(f: fn(&mut [f32]) -> f32) {
+    run(proptest::collection::vec(-100f32..100.0, 0..300), |x| {
+        let (mut a, mut b) = (x.clone(), x);
+        let (sa, sb) = (f(&mut a), crate::nn::softmax_f32(&mut b));
+        prop_assert_eq!(sa.to_bits(), sb.to_bits());
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        prop_assert_eq!(bits(&a), bits(&b));
+        Ok(())
+    });
+}

@@ -159,6 +159,10 @@ pub struct Kernels {
     pub dynamic_params: fn(&[f32]) -> (f32, u8),
     /// u8 quantization with given parameters, see [`crate::quant::quantize_u8`].
     pub quantize_u8: fn(&[f32], f32, u8, &mut [u8]),
+    /// An activation over a slice, in place, see [`crate::nn::act_f32`].
+    pub act_f32: fn(crate::nn::Act, &mut [f32]),
+    /// Softmax numerators in place and their sum, see [`crate::nn::softmax_f32`].
+    pub softmax_f32: fn(&mut [f32]) -> f32,
 }
 
 impl Kernels {
@@ -176,6 +180,8 @@ impl Kernels {
             panel_f32: generic::panel_f32,
             dynamic_params: crate::quant::dynamic_params,
             quantize_u8: crate::quant::quantize_u8,
+            act_f32: crate::nn::act_f32,
+            softmax_f32: crate::nn::softmax_f32,
         }
     }
 

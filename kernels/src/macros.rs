@@ -10,7 +10,8 @@
 ///           pub fn NAME = IMPL, isa = "what it needs", when = PREDICATE; }
 /// ```
 ///
-/// The kind (`dot_u8i8`, `dot_i8i8`, `tile_u8i8`, `block_u8i8`, `qk_f32`, `pv_f32`, `panel_f32`, `dynamic_params`, `quantize_u8`) picks the signature, the
+/// The kind (`dot_u8i8`, `dot_i8i8`, `tile_u8i8`, `block_u8i8`, `qk_f32`, `pv_f32`, `panel_f32`, `dynamic_params`, `quantize_u8`, `act_f32`,
+/// `softmax_f32`) picks the signature, the
 /// precondition check from [`crate::generic`] and the property test from
 /// `crate::check`. The generated `NAME` asserts the preconditions and the CPU
 /// predicate (a caller that skipped detection gets a panic, never undefined
@@ -121,6 +122,26 @@ macro_rules! kernel {
             unsafe { $imp(x, scale, zero_point, q) }
         }
         kernel!(@test $name, $pred, quantize_u8);
+    };
+    (act_f32: $(#[$doc:meta])* pub fn $name:ident = $imp:path, isa = $isa:expr, when = $pred:expr;) => {
+        $(#[$doc])*
+        pub fn $name(act: crate::nn::Act, x: &mut [f32]) {
+            assert!($pred, concat!(stringify!($name), " needs a CPU with ", $isa));
+            // SAFETY: the CPU features `$imp` needs were checked just above; the
+            // body is safe, bounds-checked Rust.
+            unsafe { $imp(act, x) }
+        }
+        kernel!(@test $name, $pred, act_f32);
+    };
+    (softmax_f32: $(#[$doc:meta])* pub fn $name:ident = $imp:path, isa = $isa:expr, when = $pred:expr;) => {
+        $(#[$doc])*
+        pub fn $name(x: &mut [f32]) -> f32 {
+            assert!($pred, concat!(stringify!($name), " needs a CPU with ", $isa));
+            // SAFETY: the CPU features `$imp` needs were checked just above; the
+            // body is safe, bounds-checked Rust.
+            unsafe { $imp(x) }
+        }
+        kernel!(@test $name, $pred, softmax_f32);
     };
     (@test $name:ident, $pred:expr, $check:ident) => {
         #[cfg(test)]

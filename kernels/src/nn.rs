@@ -63,7 +63,10 @@ pub fn exp(x: f32) -> f32 {
     let p = p * r + 0.5;
     let p = p * r + 1.0;
     let p = p * r + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // 2^n from the bits of n + 127 + 2^23: its low mantissa bits are n + 127
+    // (1..=254), shifted into the exponent. An `as i32` cast would do, but
+    // its saturation checks keep LLVM from vectorizing the loops around.
+    let scale = f32::from_bits((n + 8_388_735.0).to_bits() << 23);
     p * scale
 }
 
@@ -88,10 +91,21 @@ pub fn silu(x: f32) -> f32 {
 }
 
 /// GELU as ONNX `Gelu` (approximate = "none") and torch's default:
-/// `x/2 · (1 + erf(x/√2))`.
+/// `x/2 · (1 + erf(x/√2))`. `1 + erf` comes as `erfc(|x|/√2)` (or 2 minus
+/// it) from Abramowitz & Stegun 7.1.26 (absolute error < 1.5e-7), so there is
+/// no cancellation for negative x and no branch or libm call: it vectorizes.
 #[inline]
 pub fn gelu(x: f32) -> f32 {
-    0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2))
+    let z = x.abs() * std::f32::consts::FRAC_1_SQRT_2;
+    let t = 1.0 / (1.0 + 0.327_591_1 * z);
+    let poly = 1.061_405_4;
+    let poly = poly * t - 1.453_152_1;
+    let poly = poly * t + 1.421_413_8;
+    let poly = poly * t - 0.284_496_74;
+    let poly = poly * t + 0.254_829_6;
+    let erfc = poly * t * exp(-z * z);
+    let one_plus_erf = if x >= 0.0 { 2.0 - erfc } else { erfc };
+    0.5 * x * one_plus_erf
 }
 
 /// GELU with the tanh approximation (GPT-2's `gelu_new`, ONNX `Gelu`
@@ -108,6 +122,108 @@ pub fn map_inplace(x: &mut [f32], f: impl Fn(f32) -> f32) {
     for v in x {
         *v = f(*v);
     }
+}
+
+/// An element-wise activation, for [`crate::Kernels::act_f32`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Act {
+    /// [`gelu`].
+    Gelu,
+    /// [`gelu_tanh`].
+    GeluTanh,
+    /// [`silu`].
+    Silu,
+    /// [`sigmoid`].
+    Sigmoid,
+    /// [`tanh`].
+    Tanh,
+}
+
+impl Act {
+    /// Every activation (for tests).
+    pub const ALL: [Act; 5] = [Act::Gelu, Act::GeluTanh, Act::Silu, Act::Sigmoid, Act::Tanh];
+
+    /// The activation of one value.
+    #[inline]
+    pub fn of(self, x: f32) -> f32 {
+        match self {
+            Act::Gelu => gelu(x),
+            Act::GeluTanh => gelu_tanh(x),
+            Act::Silu => silu(x),
+            Act::Sigmoid => sigmoid(x),
+            Act::Tanh => tanh(x),
+        }
+    }
+}
+
+/// Apply `act` to every element, in place: the reference of
+/// [`crate::Kernels::act_f32`], whose SIMD copies compile this same code.
+pub fn act_f32(act: Act, x: &mut [f32]) {
+    act_body(act, x)
+}
+
+/// The body of [`act_f32`]: one loop per activation, each inlined and
+/// vectorized for the caller's target features.
+#[inline(always)]
+pub(crate) fn act_body(act: Act, x: &mut [f32]) {
+    match act {
+        Act::Gelu => map_inplace(x, gelu),
+        Act::GeluTanh => map_inplace(x, gelu_tanh),
+        Act::Silu => map_inplace(x, silu),
+        Act::Sigmoid => map_inplace(x, sigmoid),
+        Act::Tanh => map_inplace(x, tanh),
+    }
+}
+
+/// Lanes of the float reductions below: one AVX-512 register, four NEON ones.
+const LANES: usize = 16;
+
+/// Softmax numerators in place, `x ← e^(x − max x)`, returning their sum;
+/// the caller divides (attention folds `1/sum` into its value sum). The max
+/// and the sum run in [`LANES`] lanes folded in a fixed order, so every ISA's
+/// copy gives the same bits. An empty slice sums to 0.
+pub fn softmax_f32(x: &mut [f32]) -> f32 {
+    softmax_body(x)
+}
+
+/// The body of [`softmax_f32`].
+#[inline(always)]
+pub(crate) fn softmax_body(x: &mut [f32]) -> f32 {
+    let mut m = [f32::NEG_INFINITY; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let mut max = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+    for c in chunks {
+        for l in 0..LANES {
+            m[l] = m[l].max(c[l]);
+        }
+    }
+    for v in m {
+        max = max.max(v);
+    }
+    let mut acc = [0f32; LANES];
+    let mut chunks = x.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for l in 0..LANES {
+            c[l] = exp(c[l] - max);
+            acc[l] += c[l];
+        }
+    }
+    let mut tail = 0f32;
+    for v in chunks.into_remainder() {
+        *v = exp(*v - max);
+        tail += *v;
+    }
+    let mut w = LANES / 2;
+    while w > 0 {
+        for l in 0..w {
+            acc[l] += acc[l + w];
+        }
+        w /= 2;
+    }
+    acc[0] + tail
 }
 
 /// Which dimensions RoPE rotates together.
@@ -279,7 +395,27 @@ mod tests {
             prop_assert!((gelu(v) as f64 - ge).abs() <= 1e-6 * x.abs().max(1.0));
             let gt = 0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3))).tanh());
             prop_assert!((gelu_tanh(v) as f64 - gt).abs() <= 1e-6 * x.abs().max(1.0));
-            prop_assert!((v.tanh() as f64 - x.tanh()).abs() <= 1e-6);
+            prop_assert!((tanh(v) as f64 - x.tanh()).abs() <= 1e-6);
+            for act in Act::ALL {
+                let mut one = [v];
+                act_f32(act, &mut one);
+                prop_assert_eq!(one[0].to_bits(), act.of(v).to_bits());
+            }
+        }
+
+        #[test]
+        fn softmax_matches_f64(x in proptest::collection::vec(-80f32..80.0, 0..100)) {
+            let mut y = x.clone();
+            let sum = softmax_f32(&mut y);
+            // The difference is rounded to f32 as the kernel rounds it; what
+            // is checked is the exponential and the sum.
+            let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            let want: Vec<f64> = x.iter().map(|&v| ((v - max) as f64).exp()).collect();
+            let ws: f64 = want.iter().sum();
+            prop_assert!((sum as f64 - ws).abs() <= 1e-6 * ws.max(1.0), "{} vs {}", sum, ws);
+            for (g, w) in y.iter().zip(&want) {
+                prop_assert!((*g as f64 - w).abs() <= 3e-7 * w.max(1e-30) + 1e-37, "{} vs {}", g, w);
+            }
         }
 
         #[test]

@@ -22,6 +22,8 @@ pub(crate) fn plug(k: &mut Kernels, limit: Isa) {
         k.panel_f32 = panel_f32_avx2;
         k.dynamic_params = dynamic_params_avx2;
         k.quantize_u8 = quantize_u8_avx2;
+        k.act_f32 = act_f32_avx2;
+        k.softmax_f32 = softmax_f32_avx2;
         k.dot_u8i8 = dot_u8i8_avx2;
         k.dot_i8i8 = dot_i8i8_avx2;
         k.tile_u8i8 = tile_u8i8_avx2;
@@ -38,6 +40,8 @@ pub(crate) fn plug(k: &mut Kernels, limit: Isa) {
         k.panel_f32 = panel_f32_avx512;
         k.dynamic_params = dynamic_params_avx512;
         k.quantize_u8 = quantize_u8_avx512;
+        k.act_f32 = act_f32_avx512;
+        k.softmax_f32 = softmax_f32_avx512;
     }
 }
 
@@ -93,12 +97,61 @@ kernel! { quantize_u8:
     pub fn quantize_u8_avx512 = float::quantize_avx512, isa = "AVX-512 F, BW and VNNI", when = has_avx512vnni();
 }
 
+kernel! { act_f32:
+    /// Activations with 256-bit vectors: the reference's code compiled for AVX2.
+    pub fn act_f32_avx2 = float::act_avx2, isa = "AVX2 and FMA", when = has_avx2();
+}
+
+kernel! { act_f32:
+    /// Activations with 512-bit vectors.
+    pub fn act_f32_avx512 = float::act_avx512, isa = "AVX-512 F, BW and VNNI", when = has_avx512vnni();
+}
+
+kernel! { softmax_f32:
+    /// Softmax numerators with 256-bit vectors.
+    pub fn softmax_f32_avx2 = float::softmax_avx2, isa = "AVX2 and FMA", when = has_avx2();
+}
+
+kernel! { softmax_f32:
+    /// Softmax numerators with 512-bit vectors.
+    pub fn softmax_f32_avx512 = float::softmax_avx512, isa = "AVX-512 F, BW and VNNI", when = has_avx512vnni();
+}
+
 /// The float kernels: the generic lane-wise bodies, compiled with wider
 /// vectors. No FMA contraction happens (Rust does not fuse `a * b + c`), so
 /// results equal the reference bit for bit.
 mod float {
     use crate::generic::{panel_rows, pv_body, qk_body};
+    use crate::nn::{act_body, softmax_body, Act};
     use crate::quant::{dynamic_params_body, quantize_u8_body};
+
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn act_avx2(act: Act, x: &mut [f32]) {
+        act_body(act, x)
+    }
+
+    /// # Safety
+    /// The CPU must support AVX-512 F.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn act_avx512(act: Act, x: &mut [f32]) {
+        act_body(act, x)
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn softmax_avx2(x: &mut [f32]) -> f32 {
+        softmax_body(x)
+    }
+
+    /// # Safety
+    /// The CPU must support AVX-512 F.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn softmax_avx512(x: &mut [f32]) -> f32 {
+        softmax_body(x)
+    }
 
     /// # Safety
     /// The CPU must support AVX2 and FMA.

@@ -2,6 +2,7 @@
 //! projection with bias, GELU MLP.
 
 use ember_kernels::gemv::Parallel;
+use ember_kernels::nn::Act;
 use ember_kernels::Kernels;
 
 use super::graph::{attr, Graph, Linear, Unrecognized};
@@ -245,13 +246,12 @@ impl Gpt2 {
             b.ln2.apply_layer(x, hb);
             let ff = &mut big[..n * self.ff];
             run_linear(k, &b.fc, &hb[..n * h], group, qr, ff, par);
-            // Two calls, not one through a function pointer: each inlines
-            // and vectorizes.
-            if self.gelu_tanh {
-                ember_kernels::nn::map_inplace(ff, ember_kernels::nn::gelu_tanh);
+            let act = if self.gelu_tanh {
+                Act::GeluTanh
             } else {
-                ember_kernels::nn::map_inplace(ff, ember_kernels::nn::gelu);
-            }
+                Act::Gelu
+            };
+            (k.act_f32)(act, ff);
             run_linear(k, &b.out, ff, group, qr, tmp, par);
             add(x, &tmp[..n * h]);
         }

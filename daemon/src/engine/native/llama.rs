@@ -341,8 +341,9 @@ impl Llama {
                 product(k, &b.gate, &xs, gate, par);
                 product(k, &b.up, &xs, up, par);
             }
+            (k.act_f32)(nn::Act::Silu, gate);
             for (g, u) in gate.iter_mut().zip(up.iter()) {
-                *g = nn::silu(*g) * u;
+                *g *= u;
             }
             run_linear(k, &b.down, gate, group, qr, tmp, par);
             add(x, &tmp[..n * h]);

@@ -414,11 +414,7 @@ pub fn attend(
             let keys = &arena.slab(block, layer, false, kvh)[..m * hd];
             (k.qk_f32)(qh, keys, h.scale, &mut scores[b * BLOCK..b * BLOCK + m]);
         }
-        let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-        for s in scores.iter_mut() {
-            *s = ember_kernels::nn::exp(*s - max);
-        }
-        let inv = 1.0 / sum(scores);
+        let inv = 1.0 / (k.softmax_f32)(scores);
         let o = &mut out[head * hd..(head + 1) * hd];
         o.fill(0.0);
         for (b, &block) in blocks.iter().enumerate() {
@@ -470,17 +466,4 @@ pub fn attend_rows(
         let (qr, or) = (&q[r * stride..r * stride + d], &mut out[r * d..(r + 1) * d]);
         attend(k, arena, seq, layer, h, qr, row.pos, scores, or);
     }
-}
-
-/// Sum in 8 independent lanes (vectorizes, fixed order).
-pub fn sum(a: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let chunks = a.chunks_exact(8);
-    let tail: f32 = chunks.remainder().iter().sum();
-    for c in chunks {
-        for l in 0..8 {
-            acc[l] += c[l];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
