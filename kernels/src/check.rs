@@ -183,7 +183,8 @@ fn f32s(n: usize) -> impl Strategy<Value = Vec<f32>> {
 /// Float kernels run the reference's lane-wise code: equal bit for bit.
 pub(crate) fn qk_f32(f: fn(&[f32], &[f32], f32, &mut [f32])) {
     run(
-        (0usize..80, 0usize..20).prop_flat_map(|(d, n)| (f32s(d), f32s(d * n), Just(n))),
+        (0usize..80, 0..=generic::KEY_BLOCK)
+            .prop_flat_map(|(d, n)| (f32s(d), f32s(d * generic::KEY_BLOCK), Just(n))),
         |(q, keys, n)| {
             let (mut a, mut b) = (vec![0f32; n], vec![0f32; n]);
             f(&q, &keys, 0.125, &mut a);

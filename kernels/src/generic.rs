@@ -153,13 +153,15 @@ pub fn log_softmax_inplace(x: &mut [f32]) {
     }
 }
 
-/// Panics unless `rows` holds `out.len()` rows of `q.len()` (for [`qk_f32`]).
+/// Panics unless `keys` is a transposed block, `q.len()` rows of
+/// [`KEY_BLOCK`], and `out` asks for at most [`KEY_BLOCK`] scores (for [`qk_f32`]).
 pub fn check_qk(q: &[f32], keys: &[f32], out: &[f32]) {
     assert_eq!(
         keys.len(),
-        q.len() * out.len(),
-        "keys are not out.len() rows of q.len()"
+        q.len() * KEY_BLOCK,
+        "keys are not q.len() rows of KEY_BLOCK"
     );
+    assert!(out.len() <= KEY_BLOCK, "more scores than keys in a block");
 }
 
 /// Panics unless `vals` holds `p.len()` rows of `out.len()` (for [`pv_f32`]).
@@ -241,38 +243,44 @@ pub(crate) fn panel_body<const B: usize>(xs: &[&[f32]], panel: &[f32], out: &mut
 /// results are bit-identical across ISAs, like the integer kernels'.
 const LANES: usize = 16;
 
-/// Attention scores: `out[s] = scale · q · keys[s]` for each key row.
+/// Keys in one block of the attention cache: [`qk_f32`] reads them
+/// transposed, `[head_dim][KEY_BLOCK]`.
+pub const KEY_BLOCK: usize = 16;
+
+/// Attention scores for a block of keys stored transposed:
+/// `out[j] = scale · Σ_d q[d] · keys[d · KEY_BLOCK + j]` for the first
+/// `out.len()` (≤ [`KEY_BLOCK`]) keys. One vector holds the scores of all 16
+/// keys, so there is no horizontal sum per key.
 pub fn qk_f32(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) {
     check_qk(q, keys, out);
     qk_body(q, keys, scale, out)
 }
 
-/// The body of [`qk_f32`], inlined into each ISA's copy.
+/// The body of [`qk_f32`], inlined into each ISA's copy: four accumulators
+/// (dimensions `d mod 4`, so the adds do not wait on each other), summed as
+/// `(a0 + a1) + (a2 + a3)`.
 #[inline(always)]
 pub(crate) fn qk_body(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) {
-    let d = q.len();
-    for (o, k) in out.iter_mut().zip(keys.chunks_exact(d.max(1))) {
-        let mut acc = [0f32; LANES];
-        let (cq, ck) = (q.chunks_exact(LANES), k.chunks_exact(LANES));
-        let mut tail = 0f32;
-        for (x, y) in cq.remainder().iter().zip(ck.remainder()) {
-            tail += x * y;
+    const K: usize = KEY_BLOCK;
+    let mut acc = [[0f32; K]; 4];
+    let (q4, k4) = (q.chunks_exact(4), keys.chunks_exact(4 * K));
+    for (&x, k) in q4.remainder().iter().zip(k4.remainder().chunks_exact(K)) {
+        for j in 0..K {
+            acc[0][j] += x * k[j];
         }
-        for (x, y) in cq.zip(ck) {
-            for l in 0..LANES {
-                acc[l] += x[l] * y[l];
-            }
-        }
-        // Pairwise fold: 16 → 8 → 4 → 2 → 1, same order everywhere.
-        let mut w = LANES / 2;
-        while w > 0 {
-            for l in 0..w {
-                acc[l] += acc[l + w];
-            }
-            w /= 2;
-        }
-        *o = (acc[0] + tail) * scale;
     }
+    for (x, k) in q4.zip(k4) {
+        for (a, acc) in acc.iter_mut().enumerate() {
+            for j in 0..K {
+                acc[j] += x[a] * k[a * K + j];
+            }
+        }
+    }
+    let mut s = [0f32; K];
+    for j in 0..K {
+        s[j] = ((acc[0][j] + acc[1][j]) + (acc[2][j] + acc[3][j])) * scale;
+    }
+    out.copy_from_slice(&s[..out.len()]);
 }
 
 /// Attention output: `out += scale · Σ_s p[s] · vals[s]` over value rows.
@@ -342,6 +350,26 @@ mod tests {
         assert_eq!(argmax(&[1.0, 3.0, 3.0, 2.0]), 1);
         assert_eq!(argmax(&[f32::NAN, -1.0, 0.5]), 2);
         assert_eq!(argmax(&[]), 0);
+    }
+
+    #[test]
+    fn qk_reads_keys_transposed() {
+        let d = 67; // a tail past the groups of four
+        let q: Vec<f32> = (0..d).map(|i| (i as f32 * 0.37).sin()).collect();
+        let keys: Vec<f32> = (0..d * KEY_BLOCK)
+            .map(|i| (i as f32 * 0.11).cos())
+            .collect();
+        for m in [0, 1, 5, KEY_BLOCK] {
+            let mut out = vec![0f32; m];
+            qk_f32(&q, &keys, 0.5, &mut out);
+            for (j, &o) in out.iter().enumerate() {
+                let want: f64 = (0..d)
+                    .map(|c| q[c] as f64 * keys[c * KEY_BLOCK + j] as f64)
+                    .sum::<f64>()
+                    * 0.5;
+                assert!((o as f64 - want).abs() < 1e-5, "key {j}: {o} vs {want}");
+            }
+        }
     }
 
     #[test]

@@ -12,14 +12,16 @@
 //! until their memory is needed (least recently released first).
 //!
 //! A block holds every layer's keys and values for its positions, laid out
-//! `[layer][key|value][kv head][position in block][head dim]`, so one head's
-//! keys for a block are contiguous (what the attention loop reads).
+//! `[layer][key|value][kv head]`, then values `[position in block][head dim]`
+//! and keys transposed, `[head dim][position in block]`: one head's block is
+//! contiguous, and a score kernel computes all of a block's scores in one
+//! vector with no horizontal sums (`ember_kernels::generic::qk_f32`).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
-/// Positions per block.
-pub const BLOCK: usize = 16;
+/// Positions per block: what the score kernel takes at once.
+pub const BLOCK: usize = ember_kernels::generic::KEY_BLOCK;
 
 /// What one block holds.
 #[derive(Debug, Clone, Copy)]
@@ -152,7 +154,8 @@ impl KvArena {
             + ((layer * 2 + value as usize) * s.kv_heads + head) * slab
     }
 
-    /// One head's keys (`value` false) or values of a block: `[BLOCK][head_dim]`.
+    /// One head's keys (`value` false, `[head_dim][BLOCK]`) or values
+    /// (`[BLOCK][head_dim]`) of a block.
     pub fn slab(&self, block: u32, layer: usize, value: bool, head: usize) -> &[f32] {
         let at = self.slab_at(block, layer, value, head);
         &self.data[at..at + BLOCK * self.shape.head_dim]
@@ -169,8 +172,15 @@ impl KvArena {
         x: &[f32],
     ) {
         let hd = self.shape.head_dim;
-        let at = self.slab_at(seq.table[pos / BLOCK], layer, value, head) + (pos % BLOCK) * hd;
-        self.data[at..at + hd].copy_from_slice(x);
+        let at = self.slab_at(seq.table[pos / BLOCK], layer, value, head);
+        let slab = &mut self.data[at..at + BLOCK * hd];
+        if value {
+            slab[(pos % BLOCK) * hd..][..hd].copy_from_slice(x);
+        } else {
+            for (col, &v) in slab.chunks_exact_mut(BLOCK).zip(x) {
+                col[pos % BLOCK] = v;
+            }
+        }
     }
 }
 
@@ -307,6 +317,12 @@ mod tests {
             [0.0; 4],
             "other layer untouched"
         );
+        // Keys lie transposed: dimension c of position p at c * BLOCK + p.
+        arena.put(&a, BLOCK + 2, 0, false, 0, &[7.0, 8.0, 9.0, 10.0]);
+        let keys = arena.slab(a.table[1], 0, false, 0);
+        let col: Vec<f32> = (0..4).map(|c| keys[c * BLOCK + 2]).collect();
+        assert_eq!(col, [7.0, 8.0, 9.0, 10.0]);
+        assert_eq!(keys.iter().filter(|&&v| v != 0.0).count(), 4);
         drop(a);
         assert_eq!(pool.free_blocks(), 2);
         drop(b);

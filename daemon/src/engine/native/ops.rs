@@ -411,7 +411,7 @@ pub fn attend(
         let qh = &q[head * hd..(head + 1) * hd];
         for (b, &block) in blocks.iter().enumerate() {
             let m = (n - b * BLOCK).min(BLOCK);
-            let keys = &arena.slab(block, layer, false, kvh)[..m * hd];
+            let keys = arena.slab(block, layer, false, kvh);
             (k.qk_f32)(qh, keys, h.scale, &mut scores[b * BLOCK..b * BLOCK + m]);
         }
         let inv = 1.0 / (k.softmax_f32)(scores);
