@@ -292,3 +292,24 @@ pub(crate) fn softmax_f32(f: fn(&mut [f32]) -> f32) {
         Ok(())
     });
 }
+
+/// The LSTM cell: the reference's bits, from 0 to 70 units, gates past
+/// the activations' clamps.
+pub(crate) fn lstm_cell_f32(f: fn(&[f32], &mut [f32], &mut [f32])) {
+    let case = (0usize..70).prop_flat_map(|u| {
+        (
+            proptest::collection::vec(-30f32..30.0, 4 * u),
+            proptest::collection::vec(-5f32..5.0, u),
+        )
+    });
+    run(case, |(g, c)| {
+        let (mut ca, mut cb) = (c.clone(), c);
+        let (mut ha, mut hb) = (vec![0f32; ca.len()], vec![0f32; ca.len()]);
+        f(&g, &mut ca, &mut ha);
+        crate::nn::lstm_cell_f32(&g, &mut cb, &mut hb);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        prop_assert_eq!(bits(&ca), bits(&cb));
+        prop_assert_eq!(bits(&ha), bits(&hb));
+        Ok(())
+    });
+}

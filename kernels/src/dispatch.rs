@@ -163,6 +163,8 @@ pub struct Kernels {
     pub act_f32: fn(crate::nn::Act, &mut [f32]),
     /// Softmax numerators in place and their sum, see [`crate::nn::softmax_f32`].
     pub softmax_f32: fn(&mut [f32]) -> f32,
+    /// The LSTM cell over a group of units, see [`crate::nn::lstm_cell_f32`].
+    pub lstm_cell_f32: fn(&[f32], &mut [f32], &mut [f32]),
 }
 
 impl Kernels {
@@ -182,6 +184,7 @@ impl Kernels {
             quantize_u8: crate::quant::quantize_u8,
             act_f32: crate::nn::act_f32,
             softmax_f32: crate::nn::softmax_f32,
+            lstm_cell_f32: crate::nn::lstm_cell_f32,
         }
     }
 

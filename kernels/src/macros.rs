@@ -11,7 +11,7 @@
 /// ```
 ///
 /// The kind (`dot_u8i8`, `dot_i8i8`, `tile_u8i8`, `block_u8i8`, `qk_f32`, `pv_f32`, `panel_f32`, `dynamic_params`, `quantize_u8`, `act_f32`,
-/// `softmax_f32`) picks the signature, the
+/// `softmax_f32`, `lstm_cell_f32`) picks the signature, the
 /// precondition check from [`crate::generic`] and the property test from
 /// `crate::check`. The generated `NAME` asserts the preconditions and the CPU
 /// predicate (a caller that skipped detection gets a panic, never undefined
@@ -142,6 +142,17 @@ macro_rules! kernel {
             unsafe { $imp(x) }
         }
         kernel!(@test $name, $pred, softmax_f32);
+    };
+    (lstm_cell_f32: $(#[$doc:meta])* pub fn $name:ident = $imp:path, isa = $isa:expr, when = $pred:expr;) => {
+        $(#[$doc])*
+        pub fn $name(gates: &[f32], c: &mut [f32], h: &mut [f32]) {
+            crate::nn::check_lstm_cell(gates, c, h);
+            assert!($pred, concat!(stringify!($name), " needs a CPU with ", $isa));
+            // SAFETY: the CPU features `$imp` needs were checked just above; the
+            // body is safe, bounds-checked Rust.
+            unsafe { $imp(gates, c, h) }
+        }
+        kernel!(@test $name, $pred, lstm_cell_f32);
     };
     (@test $name:ident, $pred:expr, $check:ident) => {
         #[cfg(test)]

@@ -179,6 +179,44 @@ pub(crate) fn act_body(act: Act, x: &mut [f32]) {
     }
 }
 
+/// The ONNX `LSTM` cell (activations sigmoid, tanh, tanh; no peepholes) for
+/// `c.len()` units: `gates` holds their pre-activations `i`, `o`, `f`, `z`
+/// (the candidate), `c.len()` each in that order; the cell state `c` is
+/// updated in place and the new hidden state written to `h`:
+/// `c ← σ(f)·c + σ(i)·tanh(z)`, `h ← σ(o)·tanh(c)`. The reference of
+/// [`crate::Kernels::lstm_cell_f32`].
+pub fn lstm_cell_f32(gates: &[f32], c: &mut [f32], h: &mut [f32]) {
+    check_lstm_cell(gates, c, h);
+    lstm_cell_body(gates, c, h)
+}
+
+/// Panics unless `gates` holds four values per unit and `h` one.
+pub fn check_lstm_cell(gates: &[f32], c: &[f32], h: &[f32]) {
+    assert!(
+        gates.len() == 4 * c.len() && h.len() == c.len(),
+        "an LSTM cell takes 4 gate values, a cell state and a hidden state per unit"
+    );
+}
+
+/// The body of [`lstm_cell_f32`], vectorized across units.
+#[inline(always)]
+pub(crate) fn lstm_cell_body(gates: &[f32], c: &mut [f32], h: &mut [f32]) {
+    let u = c.len();
+    let (i, rest) = gates.split_at(u);
+    let (o, rest) = rest.split_at(u);
+    let (f, z) = rest.split_at(u);
+    let units = c
+        .iter_mut()
+        .zip(h.iter_mut())
+        .zip(i.iter().zip(o))
+        .zip(f.iter().zip(z));
+    for (((c, h), (&i, &o)), (&f, &z)) in units {
+        let cn = sigmoid(f) * *c + sigmoid(i) * tanh(z);
+        *c = cn;
+        *h = sigmoid(o) * tanh(cn);
+    }
+}
+
 /// Lanes of the float reductions below: one AVX-512 register, four NEON ones.
 const LANES: usize = 16;
 
@@ -472,6 +510,28 @@ mod tests {
                 assert!(!act.of(v).is_subnormal(), "{act:?}({v}) = {:e}", act.of(v));
             }
             v += 0.01;
+        }
+    }
+
+    /// The cell against its definition in f64 (ONNX LSTM, gates i, o, f, c).
+    #[test]
+    fn lstm_cell_follows_the_onnx_equations() {
+        for units in [1, 5, 16, 33] {
+            let g: Vec<f32> = (0..4 * units)
+                .map(|i| (i as f32 * 0.37).sin() * 3.0)
+                .collect();
+            let mut c: Vec<f32> = (0..units).map(|u| u as f32 * 0.1 - 0.8).collect();
+            let c0 = c.clone();
+            let mut h = vec![0f32; units];
+            lstm_cell_f32(&g, &mut c, &mut h);
+            let s = |x: f32| 1.0 / (1.0 + (-(x as f64)).exp());
+            for u in 0..units {
+                let (i, o, f) = (s(g[u]), s(g[units + u]), s(g[2 * units + u]));
+                let z = (g[3 * units + u] as f64).tanh();
+                let cn = f * c0[u] as f64 + i * z;
+                assert!((c[u] as f64 - cn).abs() < 1e-6, "c[{u}]");
+                assert!((h[u] as f64 - o * cn.tanh()).abs() < 1e-6, "h[{u}]");
+            }
         }
     }
 

@@ -24,6 +24,7 @@ pub(crate) fn plug(k: &mut Kernels, limit: Isa) {
         k.quantize_u8 = quantize_u8_avx2;
         k.act_f32 = act_f32_avx2;
         k.softmax_f32 = softmax_f32_avx2;
+        k.lstm_cell_f32 = lstm_cell_f32_avx2;
         k.dot_u8i8 = dot_u8i8_avx2;
         k.dot_i8i8 = dot_i8i8_avx2;
         k.tile_u8i8 = tile_u8i8_avx2;
@@ -42,6 +43,7 @@ pub(crate) fn plug(k: &mut Kernels, limit: Isa) {
         k.quantize_u8 = quantize_u8_avx512;
         k.act_f32 = act_f32_avx512;
         k.softmax_f32 = softmax_f32_avx512;
+        k.lstm_cell_f32 = lstm_cell_f32_avx512;
     }
 }
 
@@ -117,12 +119,36 @@ kernel! { softmax_f32:
     pub fn softmax_f32_avx512 = float::softmax_avx512, isa = "AVX-512 F, BW and VNNI", when = has_avx512vnni();
 }
 
+kernel! { lstm_cell_f32:
+    /// The LSTM cell with 256-bit vectors, eight units at a time.
+    pub fn lstm_cell_f32_avx2 = float::lstm_cell_avx2, isa = "AVX2 and FMA", when = has_avx2();
+}
+
+kernel! { lstm_cell_f32:
+    /// The LSTM cell with 512-bit vectors, sixteen units (a group) at a time.
+    pub fn lstm_cell_f32_avx512 = float::lstm_cell_avx512, isa = "AVX-512 F, BW and VNNI", when = has_avx512vnni();
+}
+
 /// The float kernels: the generic lane-wise bodies, compiled with wider
 /// vectors. No FMA contraction happens (Rust does not fuse `a * b + c`), so
 /// results equal the reference bit for bit.
 mod float {
     use crate::generic::{panel_rows, pv_body, qk_body};
-    use crate::nn::{act_body, softmax_body, Act};
+    use crate::nn::{act_body, lstm_cell_body, softmax_body, Act};
+
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn lstm_cell_avx2(g: &[f32], c: &mut [f32], h: &mut [f32]) {
+        lstm_cell_body(g, c, h)
+    }
+
+    /// # Safety
+    /// The CPU must support AVX-512 F.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn lstm_cell_avx512(g: &[f32], c: &mut [f32], h: &mut [f32]) {
+        lstm_cell_body(g, c, h)
+    }
     use crate::quant::{dynamic_params_body, quantize_u8_body};
 
     /// # Safety

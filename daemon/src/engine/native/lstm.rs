@@ -16,7 +16,7 @@
 use std::sync::Mutex;
 
 use ember_kernels::gemv::{PackedI8, Parallel, Serial};
-use ember_kernels::{nn, Kernels};
+use ember_kernels::Kernels;
 
 use super::graph::{attr, Graph, Linear, Unrecognized, Values};
 use super::ops::{add, head_logits, run_linear, Embedding, QRows, MAX_ROWS, PAR_MIN_MACS};
@@ -116,26 +116,6 @@ impl Layer {
             Layer::I8(l) => l.w.w.weight_bytes() + l.r.w.weight_bytes(),
         }
     }
-}
-
-/// The cell update of one group of units: gate pre-activations `i`, `o`,
-/// `f`, `z` (the candidate), cell state `c` updated in place, new hidden
-/// state into `h`.
-fn cell(i: &[f32], o: &[f32], f: &[f32], z: &[f32], c: &mut [f32], h: &mut [f32]) {
-    for u in 0..c.len() {
-        let (ig, og, fg) = (nn::sigmoid(i[u]), nn::sigmoid(o[u]), nn::sigmoid(f[u]));
-        let cn = fg * c[u] + ig * nn::tanh(z[u]);
-        c[u] = cn;
-        h[u] = og * nn::tanh(cn);
-    }
-}
-
-/// [`cell`] on one unit group's [`GATES`] values (i, o, f, c for [`UNITS`] units).
-fn group_cell(g: &[f32], c: &mut [f32], h: &mut [f32]) {
-    let (i, rest) = g.split_at(UNITS);
-    let (o, rest) = rest.split_at(UNITS);
-    let (f, z) = rest.split_at(UNITS);
-    cell(i, o, f, &z[..UNITS], c, h)
 }
 
 /// A chunk's sequences: their runs of rows and the steps they take.
@@ -479,11 +459,8 @@ impl Lstm {
             for (a, &(s, r)) in act.iter().enumerate() {
                 let g = &mut gates[r * g4..(r + 1) * g4];
                 add(g, &rec[a * g4..(a + 1) * g4]);
-                let (i, rest) = g.split_at(hd);
-                let (o, rest) = rest.split_at(hd);
-                let (f, z) = rest.split_at(hd);
                 let hs = &mut w.h[s * hd..(s + 1) * hd];
-                cell(i, o, f, z, &mut w.c[s * hd..(s + 1) * hd], hs);
+                (k.lstm_cell_f32)(g, &mut w.c[s * hd..(s + 1) * hd], hs);
                 w.y[r * hd..(r + 1) * hd].copy_from_slice(hs);
             }
         }
@@ -588,7 +565,7 @@ impl Lstm {
                             layer.r.add_product(k, q, &xs[..b], buf);
                             for (&s, g) in four.iter().zip(buf.chunks(GATES)) {
                                 let u = s * UNITS..(s + 1) * UNITS;
-                                group_cell(g, &mut cq[u.clone()], &mut hq[u]);
+                                (k.lstm_cell_f32)(g, &mut cq[u.clone()], &mut hq[u]);
                             }
                         }
                     }
@@ -908,24 +885,6 @@ mod tests {
         ] {
             let e = check_attrs(&lstm(attrs), 16).unwrap_err();
             assert!(e.contains(why), "{e}");
-        }
-    }
-
-    /// The cell against its definition in f64 (ONNX LSTM, gates i, o, f, c).
-    #[test]
-    fn cell_follows_the_onnx_equations() {
-        let g: Vec<f32> = (0..GATES).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
-        let mut c: Vec<f32> = (0..UNITS).map(|u| u as f32 * 0.1 - 0.8).collect();
-        let c0 = c.clone();
-        let mut h = vec![0f32; UNITS];
-        group_cell(&g, &mut c, &mut h);
-        let s = |x: f32| 1.0 / (1.0 + (-(x as f64)).exp());
-        for u in 0..UNITS {
-            let (i, o, f) = (s(g[u]), s(g[UNITS + u]), s(g[2 * UNITS + u]));
-            let z = (g[3 * UNITS + u] as f64).tanh();
-            let cn = f * c0[u] as f64 + i * z;
-            assert!((c[u] as f64 - cn).abs() < 1e-6, "c[{u}]");
-            assert!((h[u] as f64 - o * cn.tanh()).abs() < 1e-6, "h[{u}]");
         }
     }
 }
