@@ -21,11 +21,14 @@
 //! streamed once per decode step whatever the batch: 4 rows at a time with
 //! horizontal sums on row-major weights (every ISA), or 64 rows at a time on
 //! column-interleaved blocks where `vpdpbusd` makes that layout faster
-//! (AVX-512 VNNI); per-token float work ([`nn`],
-//! softmax, [`topk`]) is scalar Rust shared by every ISA.
+//! (AVX-512 VNNI). Per-token float work (activations, softmax, the LSTM
+//! cell in [`nn`]; attention's scores and sums) is written once, lane-wise,
+//! and compiled per ISA into the table, so every ISA gives the reference's
+//! bits; norms, RoPE and [`topk`] are plain Rust.
 
 pub mod gemv;
 pub mod generic;
+pub mod mem;
 pub mod nn;
 pub mod quant;
 pub mod topk;

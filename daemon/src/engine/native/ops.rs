@@ -3,7 +3,7 @@
 //! All work in caller-provided buffers (no allocation per token).
 
 use ember_kernels::gemv::{self, PackedI8, Parallel, QVec};
-use ember_kernels::Kernels;
+use ember_kernels::{mem, Kernels};
 
 use super::graph::{Graph, Linear, Unrecognized, Values};
 use super::kv::{KvArena, SeqBlocks, BLOCK};
@@ -409,8 +409,15 @@ pub fn attend(
     for head in 0..h.heads {
         let kvh = head / group;
         let qh = &q[head * hd..(head + 1) * hd];
+        // Each block's successor is prefetched while it is computed: the
+        // blocks are scattered, so the hardware prefetcher cannot guess them.
         for (b, &block) in blocks.iter().enumerate() {
             let m = (n - b * BLOCK).min(BLOCK);
+            if let Some(&next) = blocks.get(b + 1) {
+                mem::prefetch(arena.slab(next, layer, false, kvh));
+            } else {
+                mem::prefetch(arena.slab(blocks[0], layer, true, kvh));
+            }
             let keys = arena.slab(block, layer, false, kvh);
             (k.qk_f32)(qh, keys, h.scale, &mut scores[b * BLOCK..b * BLOCK + m]);
         }
@@ -419,6 +426,10 @@ pub fn attend(
         o.fill(0.0);
         for (b, &block) in blocks.iter().enumerate() {
             let m = (n - b * BLOCK).min(BLOCK);
+            if let Some(&next) = blocks.get(b + 1) {
+                let m = (n - (b + 1) * BLOCK).min(BLOCK);
+                mem::prefetch(&arena.slab(next, layer, true, kvh)[..m * hd]);
+            }
             let vals = &arena.slab(block, layer, true, kvh)[..m * hd];
             (k.pv_f32)(&scores[b * BLOCK..b * BLOCK + m], inv, vals, o);
         }
