@@ -204,6 +204,57 @@ fn batch_invariance(m: Model, name: &str) {
     assert_eq!(a, alone[7].0[0]);
 }
 
+/// Threads split the work (weight rows, unit groups, attention's (row,
+/// head) pairs) but never a sum: results are bit-identical at any count.
+#[test]
+fn native_threads_change_nothing() {
+    let text = std::fs::read_to_string(root().join("models/heldout.txt")).unwrap();
+    for name in ["kjv-gpt2", "tiny-llama-gqa-int8", "kjv-lstm"] {
+        let run = |threads: usize| {
+            let opts = LoadOptions {
+                backend: BackendChoice::Native,
+                max_seqs: 8,
+                threads,
+                ..Default::default()
+            };
+            let m = Model::load(&model(name), &opts).unwrap();
+            let ids: Vec<u32> = m.tokenizer.encode(&text).unwrap()[..120].to_vec();
+            // A long prompt (prefill, every position's logits) ...
+            let mut st = m.backend.new_state().unwrap();
+            let mut all = vec![];
+            m.backend
+                .forward(&mut st, &ids, Logits::All, &mut all)
+                .unwrap();
+            // ... then 8 sequences decoding together.
+            let mut states: Vec<_> = (0..8).map(|_| m.backend.new_state().unwrap()).collect();
+            let mut logits: Vec<Vec<f32>> = vec![vec![]; 8];
+            for (i, (st, l)) in states.iter_mut().zip(&mut logits).enumerate() {
+                let p = &ids[i * 5..i * 5 + 20 + 3 * i];
+                m.backend.forward(st, p, Logits::Last, l).unwrap();
+            }
+            let mut steps = vec![];
+            for _ in 0..12 {
+                let next: Vec<u32> = logits.iter().map(|l| argmax(l)).collect();
+                let mut items = BatchItem::decode_step(&mut states, &mut logits, &next);
+                m.backend.forward_batch(&mut items);
+                assert!(items.iter().all(|i| i.result.is_ok()));
+                steps.push(logits.clone());
+            }
+            (all, steps)
+        };
+        let one = run(1);
+        let two = run(2);
+        assert!(
+            one.0 == two.0,
+            "{name}: prefill logits differ with 2 threads"
+        );
+        assert!(
+            one.1 == two.1,
+            "{name}: batched decode differs with 2 threads"
+        );
+    }
+}
+
 /// Logits for every position (perplexity's path) across chunks of 64 rows.
 #[test]
 fn native_all_logits_match_tract() {

@@ -240,7 +240,19 @@ impl Gpt2 {
                 let seq = jobs[row.job].blocks;
                 store_kv(arena, seq, row.pos, l, self.heads, kr, vr);
             }
-            attend_rows(k, arena, rows, jobs, l, self.heads, qkv, 3 * h, scores, att);
+            attend_rows(
+                k,
+                arena,
+                rows,
+                jobs,
+                l,
+                self.heads,
+                qkv,
+                3 * h,
+                scores,
+                att,
+                par,
+            );
             run_linear(k, &b.proj, &att[..n * h], group, qr, tmp, par);
             add(x, &tmp[..n * h]);
             b.ln2.apply_layer(x, hb);

@@ -330,7 +330,7 @@ impl Llama {
                 let seq = jobs[row.job].blocks;
                 store_kv(arena, seq, row.pos, l, self.heads, kr, vr);
             }
-            attend_rows(k, arena, rows, jobs, l, self.heads, q, h, scores, att);
+            attend_rows(k, arena, rows, jobs, l, self.heads, q, h, scores, att, par);
             run_linear(k, &b.o, &att[..n * h], group, qr, tmp, par);
             add(x, &tmp[..n * h]);
             b.norm2.apply(x, hb);

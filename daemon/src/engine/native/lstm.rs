@@ -19,7 +19,9 @@ use ember_kernels::gemv::{PackedI8, Parallel, Serial};
 use ember_kernels::Kernels;
 
 use super::graph::{attr, Graph, Linear, Unrecognized, Values};
-use super::ops::{add, head_logits, run_linear, Embedding, QRows, MAX_ROWS, PAR_MIN_MACS};
+use super::ops::{
+    add, head_logits, run_linear, split_parts, Embedding, QRows, MAX_PARTS, MAX_ROWS, PAR_MIN_MACS,
+};
 use super::pool::SpinPool;
 use super::{check_tokens, run_chunks, RnnState, Row, Sequence};
 use crate::engine::{Backend, BatchItem, EngineError, Footprint, Inner, Logits, SeqState};
@@ -31,9 +33,6 @@ const UNITS: usize = 16;
 
 /// Gate values of one unit group: i, o, f, c for [`UNITS`] units.
 const GATES: usize = 4 * UNITS;
-
-/// Most tasks a step is split into.
-const MAX_PARTS: usize = 64;
 
 /// One gate matrix (`W` or `R`, ONNX `[4·hidden, cols]`, gates i, o, f, c)
 /// packed by unit group for [`Kernels::panel_f32`]: group `q` is a
@@ -191,16 +190,6 @@ struct Run {
     job: usize,
     first: usize,
     len: usize,
-}
-
-/// `buf` cut into `parts` pieces of `size` (the last may be shorter), each
-/// behind a lock that only its task takes.
-fn split(buf: &mut [f32], size: usize) -> heapless::Vec<Mutex<&mut [f32]>, MAX_PARTS> {
-    let mut v = heapless::Vec::new();
-    for c in buf.chunks_mut(size.max(1)) {
-        v.push(Mutex::new(c)).expect("at most MAX_PARTS parts");
-    }
-    v
 }
 
 impl Lstm {
@@ -505,7 +494,7 @@ impl Lstm {
         // Input products of every row: gates = bias + W·x.
         {
             let x = &w.x[..n * input];
-            let gates = split(&mut w.gates[..groups * n * GATES], per * n * GATES);
+            let gates = split_parts(&mut w.gates[..groups * n * GATES], per * n * GATES);
             par.run(parts, &|p| {
                 let mut g = gates[p].lock().unwrap_or_else(|e| e.into_inner());
                 for (gq, q) in g.chunks_mut(n * GATES).zip(p * per..) {
@@ -528,9 +517,9 @@ impl Lstm {
         for t in 0..steps {
             {
                 let h = &w.h[..ns * hd];
-                let gates = split(&mut w.gates[..groups * n * GATES], per * n * GATES);
-                let cs = split(&mut w.c[..groups * ns * UNITS], per * ns * UNITS);
-                let hs = split(&mut w.h_new[..groups * ns * UNITS], per * ns * UNITS);
+                let gates = split_parts(&mut w.gates[..groups * n * GATES], per * n * GATES);
+                let cs = split_parts(&mut w.c[..groups * ns * UNITS], per * ns * UNITS);
+                let hs = split_parts(&mut w.h_new[..groups * ns * UNITS], per * ns * UNITS);
                 let runs = &runs;
                 par.run(parts, &|p| {
                     let mut g = gates[p].lock().unwrap_or_else(|e| e.into_inner());

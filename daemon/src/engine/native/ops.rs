@@ -2,6 +2,8 @@
 //! layers over a block of token rows, and attention over the paged KV cache.
 //! All work in caller-provided buffers (no allocation per token).
 
+use std::sync::Mutex;
+
 use ember_kernels::gemv::{self, PackedI8, Parallel, QVec};
 use ember_kernels::{mem, Kernels};
 
@@ -270,7 +272,8 @@ pub struct Work {
     pub tmp: Vec<f32>,
     /// Attention output, `MAX_ROWS × hidden`.
     pub att: Vec<f32>,
-    /// Attention scores of one head, `context` long.
+    /// Attention scores of one head, `context` long, for each of
+    /// [`ATT_PARTS`] tasks.
     pub scores: Vec<f32>,
     pub logits: Vec<f32>,
     pub qr: QRows,
@@ -287,7 +290,7 @@ impl Work {
             big: vec![0.0; MAX_ROWS * wide],
             tmp: vec![0.0; MAX_ROWS * hidden],
             att: vec![0.0; MAX_ROWS * hidden],
-            scores: vec![0.0; context],
+            scores: vec![0.0; ATT_PARTS * context],
             logits: vec![0.0; MAX_ROWS * vocab],
             qr: QRows::new(hidden.max(wide)),
         }
@@ -386,53 +389,49 @@ pub struct Heads {
     pub scale: f32,
 }
 
-/// Causal attention of one query row at position `pos` over positions
-/// `0..=pos` of its sequence: `q` is `heads × head_dim`, `out` likewise;
-/// `scores` is scratch of at least `pos + 1`.
+/// Causal attention of one head of one query row at position `pos` over
+/// positions `0..=pos` of its sequence: `q` and `out` are the head's
+/// `head_dim` values; `scores` is scratch of at least `pos + 1`.
 #[allow(clippy::too_many_arguments)]
-pub fn attend(
+pub fn attend_head(
     k: &Kernels,
     arena: &KvArena,
     seq: &SeqBlocks,
     layer: usize,
     h: Heads,
+    head: usize,
     q: &[f32],
     pos: usize,
     scores: &mut [f32],
     out: &mut [f32],
 ) {
     let hd = h.head_dim;
-    let group = h.heads / h.kv_heads;
+    let kvh = head / (h.heads / h.kv_heads);
     let n = pos + 1;
     let scores = &mut scores[..n];
     let blocks = &seq.table[..n.div_ceil(BLOCK)];
-    for head in 0..h.heads {
-        let kvh = head / group;
-        let qh = &q[head * hd..(head + 1) * hd];
-        // Each block's successor is prefetched while it is computed: the
-        // blocks are scattered, so the hardware prefetcher cannot guess them.
-        for (b, &block) in blocks.iter().enumerate() {
-            let m = (n - b * BLOCK).min(BLOCK);
-            if let Some(&next) = blocks.get(b + 1) {
-                mem::prefetch(arena.slab(next, layer, false, kvh));
-            } else {
-                mem::prefetch(arena.slab(blocks[0], layer, true, kvh));
-            }
-            let keys = arena.slab(block, layer, false, kvh);
-            (k.qk_f32)(qh, keys, h.scale, &mut scores[b * BLOCK..b * BLOCK + m]);
+    // Each block's successor is prefetched while it is computed: the
+    // blocks are scattered, so the hardware prefetcher cannot guess them.
+    for (b, &block) in blocks.iter().enumerate() {
+        let m = (n - b * BLOCK).min(BLOCK);
+        if let Some(&next) = blocks.get(b + 1) {
+            mem::prefetch(arena.slab(next, layer, false, kvh));
+        } else {
+            mem::prefetch(arena.slab(blocks[0], layer, true, kvh));
         }
-        let inv = 1.0 / (k.softmax_f32)(scores);
-        let o = &mut out[head * hd..(head + 1) * hd];
-        o.fill(0.0);
-        for (b, &block) in blocks.iter().enumerate() {
-            let m = (n - b * BLOCK).min(BLOCK);
-            if let Some(&next) = blocks.get(b + 1) {
-                let m = (n - (b + 1) * BLOCK).min(BLOCK);
-                mem::prefetch(&arena.slab(next, layer, true, kvh)[..m * hd]);
-            }
-            let vals = &arena.slab(block, layer, true, kvh)[..m * hd];
-            (k.pv_f32)(&scores[b * BLOCK..b * BLOCK + m], inv, vals, o);
+        let keys = arena.slab(block, layer, false, kvh);
+        (k.qk_f32)(q, keys, h.scale, &mut scores[b * BLOCK..b * BLOCK + m]);
+    }
+    let inv = 1.0 / (k.softmax_f32)(scores);
+    out.fill(0.0);
+    for (b, &block) in blocks.iter().enumerate() {
+        let m = (n - b * BLOCK).min(BLOCK);
+        if let Some(&next) = blocks.get(b + 1) {
+            let m = (n - (b + 1) * BLOCK).min(BLOCK);
+            mem::prefetch(&arena.slab(next, layer, true, kvh)[..m * hd]);
         }
+        let vals = &arena.slab(block, layer, true, kvh)[..m * hd];
+        (k.pv_f32)(&scores[b * BLOCK..b * BLOCK + m], inv, vals, out);
     }
 }
 
@@ -455,9 +454,19 @@ pub fn store_kv(
     }
 }
 
-/// [`attend`] for every row of a chunk over its own sequence: row `r`'s
-/// query is `q[r * stride..]` (`heads × head_dim` values), its output
-/// `out[r * heads · head_dim..]`.
+/// Most tasks attention is split into; `Work::scores` holds a scratch row
+/// for each.
+pub const ATT_PARTS: usize = 8;
+
+/// Attention below this many query·key products stays on the calling thread
+/// (a pool dispatch costs about as much as ~64K of them).
+const ATT_PAR_MIN: usize = 1 << 16;
+
+/// Causal attention for every row of a chunk over its own sequence: row
+/// `r`'s query is `q[r * stride..]` (`heads × head_dim` values), its output
+/// `out[r * heads · head_dim..]`. The (row, head) pairs are split over the
+/// pool's threads in contiguous runs, each with its own slice of `scores`
+/// (`ATT_PARTS` rows of the context).
 #[allow(clippy::too_many_arguments)]
 pub fn attend_rows(
     k: &Kernels,
@@ -470,11 +479,51 @@ pub fn attend_rows(
     stride: usize,
     scores: &mut [f32],
     out: &mut [f32],
+    par: &dyn Parallel,
 ) {
-    let d = h.heads * h.head_dim;
-    for (r, row) in rows.iter().enumerate() {
-        let seq = jobs[row.job].blocks;
-        let (qr, or) = (&q[r * stride..r * stride + d], &mut out[r * d..(r + 1) * d]);
-        attend(k, arena, seq, layer, h, qr, row.pos, scores, or);
+    let (hd, units) = (h.head_dim, rows.len() * h.heads);
+    let products: usize = rows.iter().map(|r| r.pos + 1).sum::<usize>() * h.heads * hd;
+    let parts = if products >= ATT_PAR_MIN {
+        par.threads().clamp(1, ATT_PARTS.min(units))
+    } else {
+        1
+    };
+    let per = units.div_ceil(parts).max(1);
+    let outs = split_parts(&mut out[..units * hd], per * hd);
+    let context = scores.len() / ATT_PARTS;
+    let scratch = split_parts(scores, context);
+    par.run(outs.len(), &|p| {
+        let mut o = outs[p].lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = scratch[p].lock().unwrap_or_else(|e| e.into_inner());
+        for (u, o) in (p * per..).zip(o.chunks_mut(hd)) {
+            let (r, head) = (u / h.heads, u % h.heads);
+            let row = &rows[r];
+            let qh = &q[r * stride + head * hd..][..hd];
+            attend_head(
+                k,
+                arena,
+                jobs[row.job].blocks,
+                layer,
+                h,
+                head,
+                qh,
+                row.pos,
+                &mut s,
+                o,
+            );
+        }
+    });
+}
+
+/// Most parts a buffer is split into for the pool.
+pub const MAX_PARTS: usize = 64;
+
+/// `buf` in chunks of `size` (the last shorter), each behind a mutex so
+/// pool tasks can take their own.
+pub fn split_parts(buf: &mut [f32], size: usize) -> heapless::Vec<Mutex<&mut [f32]>, MAX_PARTS> {
+    let mut v = heapless::Vec::new();
+    for c in buf.chunks_mut(size.max(1)) {
+        v.push(Mutex::new(c)).expect("at most MAX_PARTS parts");
     }
+    v
 }
