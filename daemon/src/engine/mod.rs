@@ -287,6 +287,7 @@ impl Model {
         load_stage("tract ready");
         let backend = choose_backend(&dir, &proto, tract, opts)?;
         drop(proto);
+        release_freed_memory();
         load_stage("backend chosen");
         let mut eos_ids = dir.eos_ids.clone();
         if eos_ids.is_empty() {
@@ -317,6 +318,20 @@ impl Model {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "model".into())
+    }
+}
+
+/// Hand the heap's free pages back to the kernel. Loading frees hundreds of
+/// megabytes (the file, the decoded protobuf, tract's copy when the native
+/// engine takes over), but glibc keeps freed large blocks in its heap once
+/// its mmap threshold has grown, so RSS stayed at the load's level for the
+/// life of the daemon. musl returns them on its own.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free memory at the heap's top and in
+    // its free lists to the kernel; it touches no live allocation.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
