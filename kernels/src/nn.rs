@@ -222,7 +222,7 @@ const LANES: usize = 16;
 
 /// Softmax numerators in place, `x ← e^(x − max x)`, returning their sum;
 /// the caller divides (attention folds `1/sum` into its value sum). The max
-/// and the sum run in [`LANES`] lanes folded in a fixed order, so every ISA's
+/// and the sum run in 16 lanes folded in a fixed order, so every ISA's
 /// copy gives the same bits. An empty slice sums to 0.
 pub fn softmax_f32(x: &mut [f32]) -> f32 {
     softmax_body(x)
