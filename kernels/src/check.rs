@@ -262,6 +262,12 @@ pub(crate) fn quantize_u8(f: fn(&[f32], f32, u8, &mut [u8])) {
     });
 }
 
+/// The bit patterns of floats, for comparisons that must be exact (NaN
+/// and signed zeros included).
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
 /// Activations: every ISA's copy gives the reference's bits, for each kind,
 /// over ranges that reach the clamps of `exp` and `tanh`.
 pub(crate) fn act_f32(f: fn(crate::nn::Act, &mut [f32])) {
@@ -274,7 +280,6 @@ pub(crate) fn act_f32(f: fn(crate::nn::Act, &mut [f32])) {
             let (mut a, mut b) = (x.clone(), x.clone());
             f(act, &mut a);
             crate::nn::act_f32(act, &mut b);
-            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             prop_assert_eq!(bits(&a), bits(&b), "{:?}", act);
         }
         Ok(())
@@ -287,7 +292,6 @@ pub(crate) fn softmax_f32(f: fn(&mut [f32]) -> f32) {
         let (mut a, mut b) = (x.clone(), x);
         let (sa, sb) = (f(&mut a), crate::nn::softmax_f32(&mut b));
         prop_assert_eq!(sa.to_bits(), sb.to_bits());
-        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         prop_assert_eq!(bits(&a), bits(&b));
         Ok(())
     });
@@ -307,7 +311,6 @@ pub(crate) fn lstm_cell_f32(f: fn(&[f32], &mut [f32], &mut [f32])) {
         let (mut ha, mut hb) = (vec![0f32; ca.len()], vec![0f32; ca.len()]);
         f(&g, &mut ca, &mut ha);
         crate::nn::lstm_cell_f32(&g, &mut cb, &mut hb);
-        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         prop_assert_eq!(bits(&ca), bits(&cb));
         prop_assert_eq!(bits(&ha), bits(&hb));
         Ok(())

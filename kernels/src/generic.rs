@@ -241,7 +241,7 @@ pub(crate) fn panel_body<const B: usize>(xs: &[&[f32]], panel: &[f32], out: &mut
 /// Lanes of the float kernels' accumulators. Every ISA runs the same
 /// lane-wise code (Rust never fuses or reorders float operations), so the
 /// results are bit-identical across ISAs, like the integer kernels'.
-const LANES: usize = 16;
+pub(crate) const LANES: usize = 16;
 
 /// Keys in one block of the attention cache: [`qk_f32`] reads them
 /// transposed, `[head_dim][KEY_BLOCK]`.

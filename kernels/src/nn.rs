@@ -217,9 +217,6 @@ pub(crate) fn lstm_cell_body(gates: &[f32], c: &mut [f32], h: &mut [f32]) {
     }
 }
 
-/// Lanes of the float reductions below: one AVX-512 register, four NEON ones.
-const LANES: usize = 16;
-
 /// Softmax numerators in place, `x ← e^(x − max x)`, returning their sum;
 /// the caller divides (attention folds `1/sum` into its value sum). The max
 /// and the sum run in 16 lanes folded in a fixed order, so every ISA's
@@ -248,6 +245,7 @@ fn numerator(d: f32) -> f32 {
 /// The body of [`softmax_f32`].
 #[inline(always)]
 pub(crate) fn softmax_body(x: &mut [f32]) -> f32 {
+    use crate::generic::LANES;
     let mut m = [f32::NEG_INFINITY; LANES];
     let chunks = x.chunks_exact(LANES);
     let mut max = chunks

@@ -317,7 +317,7 @@ impl Llama {
             let (kk, rest) = rest.split_at_mut(n * kvd);
             let vv = &mut rest[..n * kvd];
             {
-                let xs = qr.quantize(&hb[..n * h], h, group);
+                let xs = qr.quantize(k, &hb[..n * h], h, group);
                 product(k, &b.q, &xs, q, par);
                 product(k, &b.k, &xs, kk, par);
                 product(k, &b.v, &xs, vv, par);
@@ -337,7 +337,7 @@ impl Llama {
             let (gate, rest) = big.split_at_mut(n * ff);
             let up = &mut rest[..n * ff];
             {
-                let xs = qr.quantize(&hb[..n * h], h, group);
+                let xs = qr.quantize(k, &hb[..n * h], h, group);
                 product(k, &b.gate, &xs, gate, par);
                 product(k, &b.up, &xs, up, par);
             }

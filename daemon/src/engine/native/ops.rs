@@ -184,11 +184,12 @@ impl QRows {
     /// group (equal values are contiguous). Returns the activation vectors.
     pub fn quantize(
         &mut self,
+        k: &Kernels,
         src: &[f32],
         cols: usize,
         group: impl Fn(usize) -> usize,
     ) -> heapless::Vec<QVec<'_>, MAX_ROWS> {
-        self.quantize_where(src, cols, group, |_| true)
+        self.quantize_where(k, src, cols, group, |_| true)
     }
 
     /// [`QRows::quantize`] of the rows `keep` selects only, each with the
@@ -196,6 +197,7 @@ impl QRows {
     /// quantized as onnxruntime quantizes the head's input for all of them.
     pub fn quantize_where(
         &mut self,
+        k: &Kernels,
         src: &[f32],
         cols: usize,
         group: impl Fn(usize) -> usize,
@@ -203,7 +205,6 @@ impl QRows {
     ) -> heapless::Vec<QVec<'_>, MAX_ROWS> {
         let n = src.len() / cols;
         assert!(n <= MAX_ROWS && n * cols == src.len());
-        let k = ember_kernels::kernels();
         let (mut start, mut m) = (0, 0);
         while start < n {
             let mut end = start + 1;
@@ -242,7 +243,7 @@ pub fn run_linear(
     out: &mut [f32],
     par: &dyn Parallel,
 ) {
-    let xs = qr.quantize(src, lin.w.cols(), group);
+    let xs = qr.quantize(k, src, lin.w.cols(), group);
     product(k, lin, &xs, out, par)
 }
 
@@ -321,7 +322,7 @@ pub fn head_logits<J: Sequence>(
     logits: &mut [f32],
     par: &dyn Parallel,
 ) {
-    let xs = qr.quantize_where(x, head.w.cols(), |r| rows[r].job, |r| rows[r].want);
+    let xs = qr.quantize_where(k, x, head.w.cols(), |r| rows[r].job, |r| rows[r].want);
     if xs.is_empty() {
         return;
     }
