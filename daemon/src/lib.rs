@@ -25,6 +25,7 @@ pub mod generate;
 pub mod metrics;
 pub mod model;
 pub mod mqtt;
+mod proto;
 pub mod sample;
 pub mod sched;
 pub mod serve;

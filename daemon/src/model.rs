@@ -387,7 +387,7 @@ impl ModelDir {
     }
 
     /// Verify `model.onnx` against `SHA256SUMS` when the directory ships one.
-    pub fn verify_checksum(&self, bytes: &[u8]) -> Result<(), ModelError> {
+    pub fn verify_checksum(&self) -> Result<(), ModelError> {
         let sums = self.root.join("SHA256SUMS");
         let Ok(text) = std::fs::read_to_string(&sums) else {
             return Ok(());
@@ -399,7 +399,25 @@ impl ModelDir {
             return Ok(());
         };
         use sha2::Digest;
-        let actual: String = sha2::Sha256::digest(bytes)
+        // Hashed as it streams through a small buffer: the file's pages stay
+        // in the page cache, not in the daemon's memory.
+        let mut hasher = sha2::Sha256::new();
+        let io = |source| ModelError::Io {
+            path: self.onnx.clone(),
+            source,
+        };
+        let mut file = std::fs::File::open(&self.onnx).map_err(io)?;
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            match std::io::Read::read(&mut file, &mut buf) {
+                Ok(0) => break,
+                Ok(n) => hasher.update(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io(e)),
+            }
+        }
+        let actual: String = hasher
+            .finalize()
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect();
@@ -414,20 +432,32 @@ impl ModelDir {
     }
 }
 
-/// Decode `model.onnx` bytes into the protobuf model, with a clear error.
-pub fn parse_proto(path: &Path, bytes: &[u8]) -> Result<pb::ModelProto, ModelError> {
+/// Decode `model.onnx` into its protobuf, with a clear error. Large
+/// initializers stay in the file as external data (the `proto` module):
+/// tract and the native engine read each one when they copy it.
+pub fn read_proto(dir: &ModelDir) -> Result<pb::ModelProto, ModelError> {
     let not_onnx = |reason: String| ModelError::NotOnnx {
-        path: path.into(),
+        path: dir.onnx.clone(),
         reason,
     };
-    if bytes.is_empty() {
+    let io = |source| ModelError::Io {
+        path: dir.onnx.clone(),
+        source,
+    };
+    let file = std::fs::File::open(&dir.onnx).map_err(io)?;
+    let len = file.metadata().map_err(io)?.len();
+    if len == 0 {
         return Err(not_onnx("the file is empty".into()));
     }
-    // Decoded straight from the caller's buffer: tract's
-    // `proto_model_for_read` would first copy the whole file into a vector
-    // of its own (165 MB more at the peak for a 135M-parameter model).
-    let proto = <pb::ModelProto as prost::Message>::decode(bytes)
-        .map_err(|e| not_onnx(format!("{e:#}")))?;
+    let location = dir
+        .onnx
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model.onnx".into());
+    let proto = crate::proto::read_model(file, len, &location).map_err(|e| match e {
+        crate::proto::Bad::Io(e) => io(e),
+        crate::proto::Bad::Format(reason) => not_onnx(reason),
+    })?;
     match &proto.graph {
         Some(g) if !g.node.is_empty() && !g.output.is_empty() => Ok(proto),
         _ => Err(not_onnx(
@@ -480,7 +510,7 @@ fn dim(v: &pb::ValueInfoProto, axis: usize) -> Option<usize> {
 
 /// Recognise the model family from the graph's I/O names.
 pub fn detect_family(dir: &ModelDir, proto: &pb::ModelProto) -> Result<Family, ModelError> {
-    let graph = proto.graph.as_ref().expect("parse_proto checked the graph");
+    let graph = proto.graph.as_ref().expect("read_proto checked the graph");
     // Old exporters list initializers among the inputs too.
     let inits: HashSet<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
     let inputs: Vec<&pb::ValueInfoProto> = graph

@@ -275,17 +275,10 @@ impl Model {
         let t0 = Instant::now();
         let dir = ModelDir::open(root)?;
         let tokenizer = Tokenizer::from_file(&dir.tokenizer)?;
-        let bytes = std::fs::read(&dir.onnx).map_err(|source| ModelError::Io {
-            path: dir.onnx.clone(),
-            source,
-        })?;
-        dir.verify_checksum(&bytes)?;
-        let proto = crate::model::parse_proto(&dir.onnx, &bytes)?;
-        drop(bytes);
+        dir.verify_checksum()?;
+        let proto = crate::model::read_proto(&dir)?;
         load_stage("parsed");
-        let tract = tract::TractBackend::from_proto(&dir, &proto, opts)?;
-        load_stage("tract ready");
-        let backend = choose_backend(&dir, &proto, tract, opts)?;
+        let backend = choose_backend(&dir, &proto, opts)?;
         drop(proto);
         release_freed_memory();
         load_stage("backend chosen");
@@ -366,19 +359,35 @@ fn load_stage(stage: &str) {
 /// Apply [`LoadOptions::backend`]: try the native engine unless told not to,
 /// keep tract when native does not recognise the graph or disagrees with it
 /// (an error instead when native was required).
+///
+/// tract checks and runs every model first, as the reference: its graph
+/// typed and decluttered but not optimised (optimising makes packed copies
+/// of the weights), run on the probe and dropped. Only then does the native
+/// engine pack its own copy, so the load holds one copy of the weights at a
+/// time. A model that stays on tract is built again, optimised, from the
+/// same (weightless) protobuf.
 fn choose_backend(
     dir: &ModelDir,
     proto: &tract_onnx::pb::ModelProto,
-    tract: tract::TractBackend,
     opts: &LoadOptions,
 ) -> Result<Box<dyn Backend>, ModelError> {
+    let optimized = || -> Result<Box<dyn Backend>, ModelError> {
+        let tract = tract::TractBackend::from_proto(dir, proto, opts, tract::Build::Optimized)?;
+        Ok(Box::new(tract))
+    };
     if opts.backend == BackendChoice::Tract {
-        return Ok(Box::new(tract));
+        return optimized();
     }
+    let reference = tract::TractBackend::from_proto(dir, proto, opts, tract::Build::Reference)?;
+    load_stage("tract reference");
+    let family = reference.family().clone();
     let t0 = Instant::now();
-    let native = native::load(dir, proto, tract.family(), opts).and_then(|n| {
+    let probe = native::Probe::record(&reference);
+    drop(reference);
+    let native = probe.and_then(|probe| {
+        let n = native::load(dir, proto, &family, opts)?;
         load_stage("native packed");
-        native::check_against(&*n.backend, &tract).map(|diff| (n, diff))
+        probe.check(&*n.backend).map(|diff| (n, diff))
     });
     match native {
         Ok((n, diff)) => {
@@ -388,7 +397,7 @@ fn choose_backend(
                 kv_cache_mib = n.kv_bytes as f64 / (1 << 20) as f64,
                 int8_file = n.from_int8,
                 max_logit_diff = diff,
-                pack_and_probe_ms = t0.elapsed().as_millis() as u64,
+                probe_pack_and_check_ms = t0.elapsed().as_millis() as u64,
                 "native engine"
             );
             Ok(n.backend)
@@ -399,7 +408,7 @@ fn choose_backend(
         }),
         Err(reason) => {
             tracing::info!(model = %dir.root.display(), %reason, "native engine not used; running on tract");
-            Ok(Box::new(tract))
+            optimized()
         }
     }
 }

@@ -3,8 +3,9 @@
 //!
 //! Loading declares every input fact itself (batch 1, symbolic new tokens `S`
 //! and past `P`, mask `P+S`) and ignores the exporter's intermediate shape
-//! annotations, which contradict those symbols in some exports. The graph is
-//! optimised once; a sequence keeps its KV cache (or LSTM state) as tensors
+//! annotations, which contradict those symbols in some exports. A serving
+//! graph is optimised once; the load-time reference is only typed (see
+//! [`Build`]). A sequence keeps its KV cache (or LSTM state) as tensors
 //! returned by one call and fed to the next.
 
 use std::sync::Arc;
@@ -64,12 +65,26 @@ fn tract_err<'a>(dir: &'a ModelDir, stage: &'static str) -> impl Fn(TractError) 
     }
 }
 
+/// How far [`TractBackend::from_proto`] takes the graph.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Build {
+    /// Typed only: runs every op with tract's reference implementations and
+    /// holds the weights once (decluttering folds constants into new copies,
+    /// optimising packs them again). What the native engine is checked
+    /// against at load.
+    Reference,
+    /// Optimised and planned for speed (packed weight copies): the backend
+    /// that serves.
+    Optimized,
+}
+
 impl TractBackend {
-    /// Check, type and optimise the parsed `dir/model.onnx`.
+    /// Check, type and (per `build`) optimise the parsed `dir/model.onnx`.
     pub fn from_proto(
         dir: &ModelDir,
         proto: &pb::ModelProto,
         opts: &LoadOptions,
+        build: Build,
     ) -> Result<Self, ModelError> {
         if let Some(ops) = model::unsupported_ops(proto) {
             return Err(ModelError::UnsupportedOp {
@@ -176,10 +191,16 @@ impl TractBackend {
         let typed = m
             .into_typed()
             .map_err(tract_err(dir, "infer types and shapes"))?;
-        let mut optimized = typed
-            .into_optimized()
-            .map_err(tract_err(dir, "optimise the graph"))?;
-        fold_constants(&mut optimized).map_err(tract_err(dir, "fold constants"))?;
+        let optimized = match build {
+            Build::Reference => typed,
+            Build::Optimized => {
+                let mut optimized = typed
+                    .into_optimized()
+                    .map_err(tract_err(dir, "optimise the graph"))?;
+                fold_constants(&mut optimized).map_err(tract_err(dir, "fold constants"))?;
+                optimized
+            }
+        };
         let executor = if opts.threads > 1 {
             Executor::multithread(opts.threads)
         } else {

@@ -48,7 +48,7 @@ pub struct Graph<'a> {
 
 impl<'a> Graph<'a> {
     pub fn new(proto: &'a pb::ModelProto, dir: &Path) -> Graph<'a> {
-        let g = proto.graph.as_ref().expect("parse_proto checked the graph");
+        let g = proto.graph.as_ref().expect("read_proto checked the graph");
         let mut producer = HashMap::new();
         let mut consumers: HashMap<&str, Vec<usize>> = HashMap::new();
         let mut constants = HashMap::new();

@@ -344,50 +344,79 @@ impl NativeBackend {
     }
 }
 
-/// Compare a native backend with `reference` on a probe sequence: prefill of 10 tokens, then
-/// 3 decode steps. Returns the largest logit difference relative to the
-/// largest logit magnitude, or why they disagree.
-pub fn check_against(native: &dyn Backend, reference: &dyn Backend) -> Result<f32, String> {
-    let vocab = native.vocab_size();
-    if reference.vocab_size() != vocab {
-        return Err(format!(
-            "vocabulary {vocab} vs tract's {}",
-            reference.vocab_size()
-        ));
-    }
-    let probe: Vec<u32> = (0..13u32).map(|i| (i * 7919 + 13) % vocab as u32).collect();
-    let (mut a, mut b) = (
-        native.new_state().map_err(|e| e.to_string())?,
-        reference.new_state().map_err(|e| e.to_string())?,
-    );
-    let (mut la, mut lb) = (vec![], vec![]);
-    let mut worst = 0f32;
-    for part in [&probe[..10], &probe[10..11], &probe[11..12], &probe[12..13]] {
-        native
-            .forward(&mut a, part, Logits::All, &mut la)
-            .map_err(|e| e.to_string())?;
-        reference
-            .forward(&mut b, part, Logits::All, &mut lb)
-            .map_err(|e| e.to_string())?;
-        let scale = lb.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
-        let diff = la
-            .iter()
-            .zip(&lb)
-            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-        worst = worst.max(diff / scale);
-        let argmax = crate::sample::argmax;
-        if argmax(&la[la.len() - vocab..]) != argmax(&lb[lb.len() - vocab..]) {
-            return Err("the most likely next token differs from tract's".into());
+/// The reference's logits on a probe sequence (a prefill of 10 tokens, then
+/// 3 decode steps), recorded so the reference can be dropped before the
+/// native engine packs its weights: the two never hold the weights at once.
+#[derive(Debug)]
+pub struct Probe {
+    vocab: usize,
+    tokens: Vec<u32>,
+    /// Logits of every position of each part.
+    logits: Vec<Vec<f32>>,
+}
+
+/// The probe's parts: prefill, then single tokens.
+const PROBE_PARTS: [std::ops::Range<usize>; 4] = [0..10, 10..11, 11..12, 12..13];
+
+impl Probe {
+    /// Run the probe on `reference`.
+    pub fn record(reference: &dyn Backend) -> Result<Probe, String> {
+        let vocab = reference.vocab_size();
+        let tokens: Vec<u32> = (0..13u32).map(|i| (i * 7919 + 13) % vocab as u32).collect();
+        let mut state = reference.new_state().map_err(|e| e.to_string())?;
+        let mut logits = vec![];
+        for part in PROBE_PARTS {
+            let mut out = vec![];
+            reference
+                .forward(&mut state, &tokens[part], Logits::All, &mut out)
+                .map_err(|e| format!("tract cannot run the probe: {e}"))?;
+            logits.push(out);
         }
+        Ok(Probe {
+            vocab,
+            tokens,
+            logits,
+        })
     }
-    if worst > PROBE_TOLERANCE {
-        return Err(format!(
-            "logits differ from tract's by {:.1}% of their range (tolerance {:.0}%)",
-            worst * 100.0,
-            PROBE_TOLERANCE * 100.0
-        ));
+
+    /// Compare `native` with the recorded logits. Returns the largest logit
+    /// difference relative to the largest logit magnitude, or why they
+    /// disagree.
+    pub fn check(&self, native: &dyn Backend) -> Result<f32, String> {
+        let vocab = self.vocab;
+        if native.vocab_size() != vocab {
+            return Err(format!(
+                "vocabulary {} vs tract's {vocab}",
+                native.vocab_size()
+            ));
+        }
+        let mut state = native.new_state().map_err(|e| e.to_string())?;
+        let mut la = vec![];
+        let mut worst = 0f32;
+        for (part, lb) in PROBE_PARTS.into_iter().zip(&self.logits) {
+            native
+                .forward(&mut state, &self.tokens[part], Logits::All, &mut la)
+                .map_err(|e| e.to_string())?;
+            let scale = lb.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+            let diff = la
+                .iter()
+                .zip(lb)
+                .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            worst = worst.max(diff / scale);
+            let argmax = crate::sample::argmax;
+            if argmax(&la[la.len() - vocab..]) != argmax(&lb[lb.len() - vocab..]) {
+                return Err("the most likely next token differs from tract's".into());
+            }
+        }
+        if worst > PROBE_TOLERANCE {
+            return Err(format!(
+                "logits differ from tract's by {:.1}% of their range (tolerance {:.0}%)",
+                worst * 100.0,
+                PROBE_TOLERANCE * 100.0
+            ));
+        }
+        Ok(worst)
     }
-    Ok(worst)
 }
 
 /// Largest logit difference from tract accepted at load, relative to the
