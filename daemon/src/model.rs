@@ -97,6 +97,13 @@ pub enum ModelError {
         /// What the tokenizers crate said.
         reason: String,
     },
+    /// The file was replaced or rewritten while it was being loaded (its
+    /// weights are read one tensor at a time, after the checksum).
+    #[error("{path} changed while it was being loaded; load it again")]
+    Changed {
+        /// The file.
+        path: PathBuf,
+    },
     /// `--backend native` was asked for a graph the native engine does not run.
     #[error("{path}: the native engine cannot run this model: {reason} (use the tract backend)")]
     NotNative {
@@ -432,6 +439,30 @@ impl ModelDir {
     }
 }
 
+/// What identifies one version of a file: device, inode, size and
+/// modification time. Loading compares it before and after, since weights
+/// are read from the path tensor by tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileVersion(u64, u64, u64, i64, i64);
+
+impl FileVersion {
+    /// The version of the file at `path` now.
+    pub fn of(path: &Path) -> Result<FileVersion, ModelError> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).map_err(|source| ModelError::Io {
+            path: path.into(),
+            source,
+        })?;
+        Ok(FileVersion(
+            m.dev(),
+            m.ino(),
+            m.size(),
+            m.mtime(),
+            m.mtime_nsec(),
+        ))
+    }
+}
+
 /// Decode `model.onnx` into its protobuf, with a clear error. Large
 /// initializers stay in the file as external data (the `proto` module):
 /// tract and the native engine read each one when they copy it.
@@ -606,4 +637,26 @@ pub fn detect_family(dir: &ModelDir, proto: &pb::ModelProto) -> Result<Family, M
         }
     }
     Err(unrecognized())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file rewritten in place or replaced by a rename is another version.
+    #[test]
+    fn a_rewritten_or_replaced_file_is_another_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.onnx");
+        std::fs::write(&path, b"first").unwrap();
+        let v1 = FileVersion::of(&path).unwrap();
+        assert_eq!(FileVersion::of(&path).unwrap(), v1);
+        std::fs::write(&path, b"second!").unwrap();
+        let v2 = FileVersion::of(&path).unwrap();
+        assert_ne!(v2, v1);
+        let other = dir.path().join("new.onnx");
+        std::fs::write(&other, b"second!").unwrap();
+        std::fs::rename(&other, &path).unwrap();
+        assert_ne!(FileVersion::of(&path).unwrap(), v2, "new inode");
+    }
 }

@@ -275,11 +275,17 @@ impl Model {
         let t0 = Instant::now();
         let dir = ModelDir::open(root)?;
         let tokenizer = Tokenizer::from_file(&dir.tokenizer)?;
+        let version = crate::model::FileVersion::of(&dir.onnx)?;
         dir.verify_checksum()?;
         let proto = crate::model::read_proto(&dir)?;
         load_stage("parsed");
         let backend = choose_backend(&dir, &proto, opts)?;
         drop(proto);
+        if crate::model::FileVersion::of(&dir.onnx)? != version {
+            return Err(ModelError::Changed {
+                path: dir.onnx.clone(),
+            });
+        }
         release_freed_memory();
         load_stage("backend chosen");
         let mut eos_ids = dir.eos_ids.clone();
@@ -361,8 +367,8 @@ fn load_stage(stage: &str) {
 /// (an error instead when native was required).
 ///
 /// tract checks and runs every model first, as the reference: its graph
-/// typed and decluttered but not optimised (optimising makes packed copies
-/// of the weights), run on the probe and dropped. Only then does the native
+/// typed but neither decluttered nor optimised (both make copies of the
+/// weights), run on the probe and dropped. Only then does the native
 /// engine pack its own copy, so the load holds one copy of the weights at a
 /// time. A model that stays on tract is built again, optimised, from the
 /// same (weightless) protobuf.
