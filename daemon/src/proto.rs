@@ -104,6 +104,7 @@ impl Walker<'_> {
                 self.copy_body(wire, end, &mut rest)?;
             }
         }
+        self.ends_at(end)?;
         let mut graph = pb::GraphProto::decode(&rest[..])?;
         graph.initializer = initializers;
         Ok(graph)
@@ -129,6 +130,7 @@ impl Walker<'_> {
                 self.copy_body(wire, end, &mut rest)?;
             }
         }
+        self.ends_at(end)?;
         let mut t = pb::TensorProto::decode(&rest[..])?;
         if let Some((offset, length)) = external {
             let entry = |key: &str, value: String| pb::StringStringEntryProto {
@@ -144,6 +146,18 @@ impl Walker<'_> {
             ];
         }
         Ok(t)
+    }
+
+    /// A nested message's last field must end where its length said (a key
+    /// or varint read past it means the lengths are corrupt).
+    fn ends_at(&self, end: u64) -> Result<(), Bad> {
+        if self.pos == end {
+            return Ok(());
+        }
+        Err(Bad::Format(format!(
+            "a message meant to end at byte {end} has a field running to byte {}",
+            self.pos
+        )))
     }
 
     /// A field key (its bytes appended to `out`).
@@ -324,6 +338,22 @@ mod tests {
             flipped[at] ^= 0xa5;
             std::fs::write(&path, &flipped).unwrap();
             assert!(!matches!(read(&path), Err(Bad::Io(_))), "flip at {at}");
+        }
+    }
+
+    /// A tensor of 2 bytes whose last field, a varint, takes 3: the walk
+    /// stops there rather than read on out of step with the file.
+    #[test]
+    fn a_field_across_its_message_end_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.onnx");
+        // graph (7) { initializer (5) [len 2] { data_type (2): 0x81 0x01 } }
+        std::fs::write(&path, [0x3a, 0x05, 0x2a, 0x02, 0x10, 0x81, 0x01]).unwrap();
+        match read(&path) {
+            Err(Bad::Format(reason)) => {
+                assert!(reason.contains("meant to end at byte 6"), "{reason}")
+            }
+            other => panic!("{other:?}"),
         }
     }
 
