@@ -124,6 +124,8 @@ impl Walker<'_> {
                     external = Some((self.pos, n));
                     self.skip(n)?;
                 } else {
+                    // A later `raw_data` replaces an earlier one.
+                    external = None;
                     self.bytes(n, &mut rest)?;
                 }
             } else {
@@ -355,6 +357,29 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    /// Protobuf keeps the last of a repeated scalar field: a small
+    /// `raw_data` after a large one is the tensor's data, inline.
+    #[test]
+    fn the_last_raw_data_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.onnx");
+        // A length-delimited field: key, length, bytes.
+        let field = |key: u8, body: &[u8]| {
+            let mut f = vec![key];
+            prost::encoding::encode_varint(body.len() as u64, &mut f);
+            f.extend_from_slice(body);
+            f
+        };
+        let mut tensor = field(0x4a, &[7u8; EXTERNAL_MIN as usize]); // raw_data (9)
+        tensor.extend(field(0x4a, &[1, 2, 3]));
+        let model = field(0x3a, &field(0x2a, &tensor)); // graph (7) { initializer (5) }
+        std::fs::write(&path, &model).unwrap();
+        let m = read(&path).unwrap();
+        let t = &m.graph.unwrap().initializer[0];
+        assert_eq!(t.raw_data, [1, 2, 3]);
+        assert!(t.external_data.is_empty() && t.data_location.is_none());
     }
 
     #[test]

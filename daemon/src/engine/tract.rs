@@ -214,7 +214,9 @@ impl TractBackend {
             .into_runnable_with_options(&run_opts)
             .map_err(tract_err(dir, "plan the graph"))?;
         let n_state = out_names.len() - 1;
-        let batch_pool = if opts.batch_threads > 1 {
+        // The reference only runs the load-time probe, one sequence: no
+        // batch threads to start and stop.
+        let batch_pool = if opts.batch_threads > 1 && build == Build::Optimized {
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(opts.batch_threads)
                 .thread_name(|i| format!("tract-batch-{i}"))
