@@ -174,6 +174,14 @@ pub enum Family {
 }
 
 impl Family {
+    /// The graph output holding the logits.
+    pub fn logits(&self) -> &str {
+        match self {
+            Family::Decoder(io) => &io.logits,
+            Family::Lstm(io) => &io.logits,
+        }
+    }
+
     /// "decoder" or "lstm".
     pub fn name(&self) -> &'static str {
         match self {

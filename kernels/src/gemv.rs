@@ -46,6 +46,16 @@ impl PackedI8 {
         PackedI8::with_layout(crate::kernels().layout, q, rows, cols, scales)
     }
 
+    /// [`PackedI8::from_quantized`] from the transpose: `q_t` is `cols × rows`
+    /// row-major, as ONNX stores a MatMul's `[K, N]` weights. Saves the
+    /// caller a transposed copy of the matrix at load.
+    pub fn from_quantized_t(q_t: &[i8], rows: usize, cols: usize, scales: &[f32]) -> PackedI8 {
+        assert_eq!(q_t.len(), rows * cols, "weights are not {cols}×{rows}");
+        PackedI8::pack(crate::kernels().layout, rows, cols, scales, |r, c| {
+            q_t[c * rows + r]
+        })
+    }
+
     /// [`PackedI8::from_quantized`] in a given layout (any table computes on
     /// either; the one it prefers is [`Kernels::layout`]).
     pub fn with_layout(
@@ -55,11 +65,22 @@ impl PackedI8 {
         cols: usize,
         scales: &[f32],
     ) -> PackedI8 {
+        assert_eq!(q.len(), rows * cols, "weights are not {rows}×{cols}");
+        PackedI8::pack(layout, rows, cols, scales, |r, c| q[r * cols + c])
+    }
+
+    /// Pack the `rows × cols` weights `at(row, col)`.
+    fn pack(
+        layout: Layout,
+        rows: usize,
+        cols: usize,
+        scales: &[f32],
+        at: impl Fn(usize, usize) -> i8,
+    ) -> PackedI8 {
         assert!(
             cols > 0 && cols <= crate::generic::MAX_DOT_LEN,
             "row length {cols} out of range"
         );
-        assert_eq!(q.len(), rows * cols, "weights are not {rows}×{cols}");
         assert_eq!(scales.len(), rows, "one scale per row");
         let (stride, padded) = match layout {
             Layout::Rows => (cols.div_ceil(ROW_ALIGN) * ROW_ALIGN, rows + TILE_ROWS - 1),
@@ -75,17 +96,20 @@ impl PackedI8 {
         let mut row_sums = vec![0i32; padded];
         let mut padded_scales = vec![0f32; padded];
         padded_scales[..rows].copy_from_slice(scales);
-        for (r, row) in q.chunks(cols).enumerate() {
-            row_sums[r] = row.iter().map(|&v| v as i32).sum();
-            match layout {
-                Layout::Rows => data[r * stride..r * stride + cols].copy_from_slice(row),
-                Layout::Blocks => {
-                    let block = &mut data[r / BLOCK_ROWS * stride..];
-                    let lane = (r % BLOCK_ROWS) * 4;
-                    for (c, &v) in row.iter().enumerate() {
-                        block[(c / 4) * BLOCK_GROUP + lane + c % 4] = v;
+        for (r, sum) in row_sums[..rows].iter_mut().enumerate() {
+            for c in 0..cols {
+                let v = at(r, c);
+                *sum += v as i32;
+                let i = match layout {
+                    Layout::Rows => r * stride + c,
+                    Layout::Blocks => {
+                        r / BLOCK_ROWS * stride
+                            + (c / 4) * BLOCK_GROUP
+                            + (r % BLOCK_ROWS) * 4
+                            + c % 4
                     }
-                }
+                };
+                data[i] = v;
             }
         }
         PackedI8 {
@@ -422,6 +446,24 @@ mod tests {
     }
 
     proptest! {
+        /// Packing from the transpose gives the same bytes, sums and scales.
+        #[test]
+        fn packing_the_transpose_is_the_same((rows, cols) in (1usize..140, 1usize..200), seed: u64) {
+            let q: Vec<i8> = (0..rows * cols)
+                .map(|i| ((i as u64).wrapping_mul(seed | 1) >> 7) as i8)
+                .collect();
+            let scales: Vec<f32> = (0..rows).map(|r| 0.01 + r as f32).collect();
+            let mut q_t = vec![0i8; rows * cols];
+            for r in 0..rows {
+                for c in 0..cols {
+                    q_t[c * rows + r] = q[r * cols + c];
+                }
+            }
+            let a = PackedI8::from_quantized(&q, rows, cols, &scales);
+            let b = PackedI8::from_quantized_t(&q_t, rows, cols, &scales);
+            prop_assert_eq!((a.stride, &a.data, &a.row_sums, &a.scales), (b.stride, &b.data, &b.row_sums, &b.scales));
+        }
+
         /// Every ISA gives the generic result bit for bit, and the result is the
         /// dequantized product up to quantization error.
         ///

@@ -11,7 +11,7 @@ pub mod tract;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::model::{Family, ModelDir, ModelError};
+use crate::model::{self, Family, ModelDir, ModelError};
 use crate::text::{TextError, Tokenizer};
 
 /// A request the engine refused or failed to run.
@@ -324,7 +324,9 @@ impl Model {
 /// megabytes (the file, the decoded protobuf, tract's copy when the native
 /// engine takes over), but glibc keeps freed large blocks in its heap once
 /// its mmap threshold has grown, so RSS stayed at the load's level for the
-/// life of the daemon. musl returns them on its own.
+/// life of the daemon. Also called between load stages, so that the next
+/// stage's allocations do not sit on top of the last one's freed memory.
+/// musl returns them on its own.
 fn release_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only returns free memory at the heap's top and in
@@ -384,12 +386,33 @@ fn choose_backend(
     if opts.backend == BackendChoice::Tract {
         return optimized();
     }
-    let reference = tract::TractBackend::from_proto(dir, proto, opts, tract::Build::Reference)?;
+    // The reference stops before the output head, which runs on its own
+    // once the rest is dropped (see tract::Head).
+    let head = model::detect_family(dir, proto).ok().and_then(|family| {
+        tract::Head::cut(proto, &native::head_input(dir, proto)?, family.logits())
+    });
+    let build = match &head {
+        Some(head) => tract::Build::ReferenceUntil(head.input()),
+        None => tract::Build::Reference,
+    };
+    let reference = tract::TractBackend::from_proto(dir, proto, opts, build)?;
     load_stage("tract reference");
     let family = reference.family().clone();
     let t0 = Instant::now();
     let probe = native::Probe::record(&reference);
     drop(reference);
+    release_freed_memory();
+    load_stage("reference dropped");
+    let probe = match head {
+        Some(head) => probe.and_then(|p| {
+            p.map(|inputs, rows| {
+                let logits = head.logits(dir, inputs, rows).map_err(|e| e.to_string());
+                load_stage("tract head");
+                logits
+            })
+        }),
+        None => probe,
+    };
     let native = probe.and_then(|probe| {
         let n = native::load(dir, proto, &family, opts)?;
         load_stage("native packed");

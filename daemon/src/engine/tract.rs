@@ -67,12 +67,16 @@ fn tract_err<'a>(dir: &'a ModelDir, stage: &'static str) -> impl Fn(TractError) 
 
 /// How far [`TractBackend::from_proto`] takes the graph.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Build {
+pub enum Build<'a> {
     /// Typed only: runs every op with tract's reference implementations and
     /// holds the weights once (decluttering folds constants into new copies,
     /// optimising packs them again). What the native engine is checked
     /// against at load.
     Reference,
+    /// [`Build::Reference`] without the output head: what it returns as
+    /// logits are the values of this tensor (the head's input), which
+    /// [`Head`] then takes to logits.
+    ReferenceUntil(&'a str),
     /// Optimised and planned for speed (packed weight copies): the backend
     /// that serves.
     Optimized,
@@ -84,7 +88,7 @@ impl TractBackend {
         dir: &ModelDir,
         proto: &pb::ModelProto,
         opts: &LoadOptions,
-        build: Build,
+        build: Build<'_>,
     ) -> Result<Self, ModelError> {
         if let Some(ops) = model::unsupported_ops(proto) {
             return Err(ModelError::UnsupportedOp {
@@ -123,7 +127,7 @@ impl TractBackend {
         let i64_fact = |shape: TVec<TDim>| InferenceFact::dt_shape(i64::datum_type(), shape);
         let f32_fact = |shape: TVec<TDim>| InferenceFact::dt_shape(f32::datum_type(), shape);
         let seq: TVec<TDim> = tvec![1.to_dim(), s.to_dim()];
-        let (inputs, out_names) = match &family {
+        let (inputs, mut out_names) = match &family {
             Family::Decoder(io) => {
                 m.set_input_fact(ix(&io.input_ids)?, i64_fact(seq.clone()))
                     .map_err(tract_err(dir, "set input facts"))?;
@@ -180,6 +184,9 @@ impl TractBackend {
                 )
             }
         };
+        if let Build::ReferenceUntil(tensor) = build {
+            out_names[0] = tensor.to_string();
+        }
         // Keep only the outputs Ember reads, in a known order: logits, then state.
         let outlets: Vec<OutletId> = out_names
             .iter()
@@ -192,7 +199,7 @@ impl TractBackend {
             .into_typed()
             .map_err(tract_err(dir, "infer types and shapes"))?;
         let optimized = match build {
-            Build::Reference => typed,
+            Build::Reference | Build::ReferenceUntil(_) => typed,
             Build::Optimized => {
                 let mut optimized = typed
                     .into_optimized()
@@ -239,6 +246,145 @@ impl TractBackend {
             logits_out: 0,
             state_out: (1..=n_state).collect(),
         })
+    }
+}
+
+/// The output head as a graph of its own: the nodes from `input` (the last
+/// linear layer's input) to the logits, with only the initializers they read.
+///
+/// The load-time probe runs [`Build::ReferenceUntil`] and then this, each
+/// dropped before the next is built: tract's reference implementation of a
+/// quantized product converts the weights to i32 and f32 on every call, and
+/// for a 49152-word head that is more memory than the rest of the model.
+#[derive(Debug)]
+pub struct Head {
+    proto: pb::ModelProto,
+    input: String,
+    logits: String,
+}
+
+impl Head {
+    /// The head of `proto` from `input` to `logits`, when those nodes read
+    /// nothing but `input` and constants (so it runs position by position,
+    /// with no state).
+    pub fn cut(proto: &pb::ModelProto, input: &str, logits: &str) -> Option<Head> {
+        use std::collections::{HashMap, HashSet};
+        let g = proto.graph.as_ref()?;
+        let producer: HashMap<&str, usize> = g
+            .node
+            .iter()
+            .enumerate()
+            .flat_map(|(i, n)| n.output.iter().map(move |o| (o.as_str(), i)))
+            .collect();
+        let inits: HashSet<&str> = g.initializer.iter().map(|t| t.name.as_str()).collect();
+        let (mut nodes, mut used) = (HashSet::new(), HashSet::new());
+        let mut todo = vec![logits];
+        while let Some(t) = todo.pop() {
+            if t.is_empty() || t == input {
+                continue;
+            }
+            if inits.contains(t) {
+                used.insert(t);
+            } else if nodes.insert(*producer.get(t)?) {
+                todo.extend(g.node[producer[t]].input.iter().map(String::as_str));
+            }
+        }
+        if nodes.is_empty() {
+            return None;
+        }
+        let graph = pb::GraphProto {
+            name: format!("{}.head", g.name),
+            node: (g.node.iter().enumerate())
+                .filter(|(i, _)| nodes.contains(i))
+                .map(|(_, n)| n.clone())
+                .collect(),
+            initializer: (g.initializer.iter())
+                .filter(|t| used.contains(t.name.as_str()))
+                .cloned()
+                .collect(),
+            input: vec![pb::ValueInfoProto {
+                name: input.to_string(),
+                r#type: Some(pb::TypeProto {
+                    value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+                        elem_type: pb::tensor_proto::DataType::Float as i32,
+                        shape: None,
+                    })),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+            output: vec![pb::ValueInfoProto {
+                name: logits.to_string(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let proto = pb::ModelProto {
+            ir_version: proto.ir_version,
+            opset_import: proto.opset_import.clone(),
+            functions: proto.functions.clone(),
+            graph: Some(graph),
+            ..Default::default()
+        };
+        Some(Head {
+            proto,
+            input: input.to_string(),
+            logits: logits.to_string(),
+        })
+    }
+
+    /// The tensor the head reads.
+    pub fn input(&self) -> &str {
+        &self.input
+    }
+
+    /// Logits of each part of `inputs`: the head's input values of
+    /// `rows[i]` positions, as one call each (a dynamically quantized
+    /// product takes its scale from the whole call).
+    pub fn logits(
+        &self,
+        dir: &ModelDir,
+        inputs: &[Vec<f32>],
+        rows: &[usize],
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        let err = |stage| tract_err(dir, stage);
+        let width = match (inputs.first(), rows.first()) {
+            (Some(x), Some(&n)) if n > 0 => x.len() / n,
+            _ => return Ok(vec![]),
+        };
+        let onnx = tract_onnx::onnx()
+            .with_ignore_output_shapes(true)
+            .with_ignore_value_info(true);
+        let root = dir.root.to_string_lossy();
+        let mut m = onnx
+            .parse(&self.proto, Some(&root))
+            .map_err(err("parse the head"))?
+            .model;
+        let s = m.symbols.sym("S");
+        let fact = InferenceFact::dt_shape(
+            f32::datum_type(),
+            tvec![1.to_dim(), s.to_dim(), width.to_dim()],
+        );
+        m.set_input_fact(0, fact)
+            .map_err(err("set the head's input"))?;
+        let out = find_output(&m, &self.logits).map_err(err("find the head's output"))?;
+        m.select_output_outlets(&[out])
+            .map_err(err("select the head's output"))?;
+        let plan = (m.into_typed())
+            .and_then(|t| t.into_runnable())
+            .map_err(err("type the head"))?;
+        let run = |x: &[f32], n: usize| -> TractResult<Vec<f32>> {
+            let x = Tensor::from_shape(&[1, n, width], x)?;
+            let out = plan.run(tvec![x.into_tvalue()])?;
+            Ok(out[0]
+                .to_plain_array_view::<f32>()?
+                .iter()
+                .copied()
+                .collect())
+        };
+        (inputs.iter().zip(rows))
+            .map(|(x, &n)| run(x, n).map_err(err("run the head")))
+            .collect()
     }
 }
 
@@ -312,14 +458,10 @@ fn find_output(m: &InferenceModel, name: &str) -> TractResult<OutletId> {
 
 /// Vocabulary size from the logits output's last dimension.
 fn vocab_of(proto: &pb::ModelProto, family: &Family) -> usize {
-    let logits = match family {
-        Family::Decoder(io) => &io.logits,
-        Family::Lstm(io) => &io.logits,
-    };
     let g = proto.graph.as_ref().expect("checked");
     g.output
         .iter()
-        .find(|o| &o.name == logits)
+        .find(|o| o.name == family.logits())
         .and_then(|o| match o.r#type.as_ref()?.value.as_ref()? {
             pb::type_proto::Value::TensorType(t) => {
                 match t.shape.as_ref()?.dim.last()?.value.as_ref()? {
@@ -515,5 +657,71 @@ impl TractBackend {
             .collect::<Result<_, _>>()?;
         state.len += n;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::native;
+    use std::path::Path;
+
+    fn demo(name: &str) -> (ModelDir, pb::ModelProto) {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../models")
+            .join(name);
+        let dir = ModelDir::open(&root).unwrap();
+        let proto = model::read_proto(&dir).unwrap();
+        (dir, proto)
+    }
+
+    /// The reference without its head, then the head on its own, give the
+    /// whole reference's logits bit for bit, over a prefill and a decode step.
+    #[test]
+    fn body_then_head_equals_the_whole() {
+        for name in ["kjv-gpt2", "kjv-lstm"] {
+            let (dir, proto) = demo(name);
+            let opts = LoadOptions::default();
+            let family = model::detect_family(&dir, &proto).unwrap();
+            let input = native::head_input(&dir, &proto).unwrap();
+            let head = Head::cut(&proto, &input, family.logits()).unwrap();
+            let whole = TractBackend::from_proto(&dir, &proto, &opts, Build::Reference).unwrap();
+            let until = Build::ReferenceUntil(head.input());
+            let body = TractBackend::from_proto(&dir, &proto, &opts, until).unwrap();
+            let (mut sw, mut sb) = (whole.new_state().unwrap(), body.new_state().unwrap());
+            let (mut want, mut inputs, mut rows) = (vec![], vec![], vec![]);
+            for part in [&[5, 17, 99, 3, 42][..], &[7]] {
+                let (mut logits, mut x) = (vec![], vec![]);
+                whole
+                    .forward(&mut sw, part, Logits::All, &mut logits)
+                    .unwrap();
+                body.forward(&mut sb, part, Logits::All, &mut x).unwrap();
+                let width = x.len() / part.len();
+                assert!(
+                    width * part.len() == x.len() && width < whole.vocab_size(),
+                    "{name}"
+                );
+                want.push(logits);
+                inputs.push(x);
+                rows.push(part.len());
+            }
+            let got = head.logits(&dir, &inputs, &rows).unwrap();
+            assert!(
+                got == want,
+                "{name}: head's logits differ from the whole graph's"
+            );
+        }
+    }
+
+    /// No head unless the logits depend on the cut and constants alone.
+    #[test]
+    fn a_head_must_read_nothing_but_its_input() {
+        let (_, proto) = demo("kjv-gpt2");
+        let g = proto.graph.as_ref().unwrap();
+        let first_norm = g.node.iter().find(|n| n.op_type == "LayerNormalization");
+        // Every layer after the first norm also reads the attention mask.
+        assert!(Head::cut(&proto, &first_norm.unwrap().output[0], "logits").is_none());
+        assert!(Head::cut(&proto, "no such tensor", "logits").is_none());
+        assert!(Head::cut(&proto, "logits", "logits").is_none());
     }
 }

@@ -282,9 +282,26 @@ impl Linear {
     }
 }
 
-/// A matched product: float input, float output before the bias, packed
-/// weights, whether they were int8 in the file.
-type Matched = (String, String, PackedI8, bool);
+/// A matched product, its weights not read yet.
+struct Matched<'a> {
+    /// The float tensor it reads.
+    input: String,
+    /// The float tensor it writes, before the bias.
+    out: String,
+    weights: Weights<'a>,
+}
+
+/// Where a matched product's weights are.
+enum Weights<'a> {
+    /// int8 `[K, N]`, per-tensor or per-column scales, a zero point.
+    Int8 {
+        w: &'a str,
+        scale: &'a str,
+        zp: Option<&'a String>,
+    },
+    /// fp32 `[K, N]`.
+    F32 { w: &'a str },
+}
 
 /// What a linear layer was recognised from, in graph order.
 #[derive(Debug)]
@@ -296,35 +313,119 @@ pub struct FoundLinear {
     pub linear: Linear,
 }
 
-impl Graph<'_> {
+impl<'a> Graph<'a> {
     /// Every linear layer of the graph, in node order. A product of two
     /// activations (attention's q·kᵀ, p·v) is not a linear layer and is skipped.
     /// `quantize_fp32`: also take fp32 weight matrices (quantized per row here).
     pub fn linears(&self, quantize_fp32: bool) -> Result<Vec<FoundLinear>, Unrecognized> {
         let mut found = vec![];
         for n in &self.g.node {
-            let layer = match n.op_type.as_str() {
-                "MatMulInteger" => Some(self.matmul_integer(n)?),
-                "QLinearMatMul" => Some(self.qlinear_matmul(n)?),
-                "MatMul" | "Gemm" => self.float_matmul(n, quantize_fp32)?,
-                _ => None,
+            let Some(m) = self.matched(n)? else {
+                continue;
             };
-            if let Some((input, out, w, from_int8)) = layer {
-                let (bias, output) = match self.bias_after(&out)? {
-                    Some((b, _)) if b.len() != w.rows() => {
-                        return Err(format!("bias of '{}' has {} values", n.name, b.len()));
-                    }
-                    Some((b, output)) => (Some(b), output),
-                    None => (None, out),
-                };
-                found.push(FoundLinear {
-                    input,
-                    output,
-                    linear: Linear { w, bias, from_int8 },
-                });
-            }
+            let (w, from_int8) = self.pack(n, &m.weights, quantize_fp32)?;
+            let (bias, output) = match self.bias_after(&m.out)? {
+                Some((b, _)) if b.len() != w.rows() => {
+                    return Err(format!("bias of '{}' has {} values", n.name, b.len()));
+                }
+                Some((b, output)) => (Some(b), output),
+                None => (None, m.out),
+            };
+            found.push(FoundLinear {
+                input: m.input,
+                output,
+                linear: Linear { w, bias, from_int8 },
+            });
         }
         Ok(found)
+    }
+
+    /// The float tensor the last linear layer reads (the output head's
+    /// input, in every family here), found without reading any weights.
+    pub fn last_linear_input(&self) -> Option<String> {
+        self.g
+            .node
+            .iter()
+            .rev()
+            .map(|n| self.matched(n))
+            .find(|m| !matches!(m, Ok(None)))?
+            .ok()
+            .flatten()
+            .map(|m| m.input)
+    }
+
+    /// `n` as a linear layer, if it is a product of an activation and weights.
+    fn matched(&self, n: &'a pb::NodeProto) -> Result<Option<Matched<'a>>, Unrecognized> {
+        Ok(match n.op_type.as_str() {
+            "MatMulInteger" => Some(self.matmul_integer(n)?),
+            "QLinearMatMul" => Some(self.qlinear_matmul(n)?),
+            "MatMul" | "Gemm" => self.float_matmul(n)?,
+            _ => None,
+        })
+    }
+
+    /// A matched product's weights, packed, and whether they were int8 in the file.
+    fn pack(
+        &self,
+        n: &pb::NodeProto,
+        weights: &Weights<'_>,
+        quantize_fp32: bool,
+    ) -> Result<(PackedI8, bool), Unrecognized> {
+        let (w, scale, zp) = match *weights {
+            Weights::Int8 { w, scale, zp } => (w, scale, zp),
+            Weights::F32 { w } => return Ok((self.quantize_f32(n, w, quantize_fp32)?, false)),
+        };
+        let node = &n.name;
+        // Packed straight from the tensor as read: no copy of it, nor of its transpose.
+        let tensor = self.tensor(w)?;
+        if tensor.datum_type() != DatumType::I8 {
+            return Err(format!(
+                "'{node}': weights are not int8 (u8 weights are not supported natively)"
+            ));
+        }
+        let [k, n] = tensor.shape()[..] else {
+            return Err(format!("'{node}': weights are not a matrix"));
+        };
+        if !self.zero_point_is_zero(zp)? {
+            return Err(format!("'{node}': asymmetric weights (zero point ≠ 0)"));
+        }
+        let scales = self.f32s(scale)?;
+        let scales = match scales.len() {
+            1 => vec![scales[0]; n],
+            l if l == n => scales,
+            l => return Err(format!("'{node}': {l} weight scales for {n} columns")),
+        };
+        let q = (tensor.try_as_plain_ram())
+            .and_then(|t| t.as_slice::<i8>())
+            .map_err(|e| format!("'{node}': {e:#}"))?;
+        Ok((PackedI8::from_quantized_t(q, n, k, &scales), true))
+    }
+
+    /// fp32 weights `[K, N]` quantized per output row (opt-in).
+    fn quantize_f32(
+        &self,
+        n: &pb::NodeProto,
+        w_name: &str,
+        quantize_fp32: bool,
+    ) -> Result<PackedI8, Unrecognized> {
+        let bad = |why: &str| format!("{} '{}': {why}", n.op_type, n.name);
+        if !quantize_fp32 {
+            return Err(bad(
+                "fp32 weights: the native engine quantizes them only when asked (--quantize-fp32, quantize_fp32 = true)",
+            ));
+        }
+        let (shape, vals) = self.konst(w_name)?;
+        let (Values::F32(w), [k, cols]) = (vals, &shape[..]) else {
+            return Err(bad("weights are not a float matrix"));
+        };
+        let (k, cols) = (*k, *cols);
+        let mut t = vec![0f32; k * cols];
+        for r in 0..k {
+            for c in 0..cols {
+                t[c * k + r] = w[r * cols + c];
+            }
+        }
+        Ok(PackedI8::quantize(&t, cols, k))
     }
 
     /// The bias of `Add(out, bias constant)` when `out` flows into one, with
@@ -343,43 +444,8 @@ impl Graph<'_> {
         Ok(None)
     }
 
-    /// int8 weights `[K, N]` with per-tensor or per-column scales → packed rows.
-    fn pack_int8(
-        &self,
-        w_name: &str,
-        scale_name: &str,
-        zp_name: Option<&String>,
-        node: &str,
-    ) -> Result<PackedI8, Unrecognized> {
-        let (shape, vals) = self.konst(w_name)?;
-        let Values::I8(q) = vals else {
-            return Err(format!(
-                "'{node}': weights are not int8 (u8 weights are not supported natively)"
-            ));
-        };
-        let [k, n] = shape[..] else {
-            return Err(format!("'{node}': weights are not a matrix"));
-        };
-        if !self.zero_point_is_zero(zp_name)? {
-            return Err(format!("'{node}': asymmetric weights (zero point ≠ 0)"));
-        }
-        let scales = self.f32s(scale_name)?;
-        let scales = match scales.len() {
-            1 => vec![scales[0]; n],
-            l if l == n => scales,
-            l => return Err(format!("'{node}': {l} weight scales for {n} columns")),
-        };
-        let mut t = vec![0i8; k * n];
-        for r in 0..k {
-            for c in 0..n {
-                t[c * k + r] = q[r * n + c];
-            }
-        }
-        Ok(PackedI8::from_quantized(&t, n, k, &scales))
-    }
-
     /// The `quantize_dynamic` pattern around a `MatMulInteger`.
-    fn matmul_integer(&self, n: &pb::NodeProto) -> Result<Matched, Unrecognized> {
+    fn matmul_integer(&self, n: &'a pb::NodeProto) -> Result<Matched<'a>, Unrecognized> {
         let bad = |why: &str| format!("MatMulInteger '{}': {why}", n.name);
         let dql = self
             .producer_op(&n.input[0], "DynamicQuantizeLinear")
@@ -410,13 +476,20 @@ impl Graph<'_> {
         if !self.is_const(&n.input[1]) {
             return Err(bad("weights are not constant"));
         }
-        let w = self.pack_int8(&n.input[1], w_scale, n.input.get(3), &n.name)?;
-        Ok((dql.input[0].clone(), mul.output[0].clone(), w, true))
+        Ok(Matched {
+            input: dql.input[0].clone(),
+            out: mul.output[0].clone(),
+            weights: Weights::Int8 {
+                w: &n.input[1],
+                scale: w_scale,
+                zp: n.input.get(3),
+            },
+        })
     }
 
     /// QOperator: `QLinearMatMul(a, a_s, a_zp, b, b_s, b_zp, y_s, y_zp)` between
     /// a `QuantizeLinear` and a `DequantizeLinear`.
-    fn qlinear_matmul(&self, n: &pb::NodeProto) -> Result<Matched, Unrecognized> {
+    fn qlinear_matmul(&self, n: &'a pb::NodeProto) -> Result<Matched<'a>, Unrecognized> {
         let bad = |why: &str| format!("QLinearMatMul '{}': {why}", n.name);
         let q = self
             .producer_op(&n.input[0], "QuantizeLinear")
@@ -427,17 +500,20 @@ impl Graph<'_> {
         if !self.is_const(&n.input[3]) {
             return Err(STATIC_ATTENTION.into());
         }
-        let w = self.pack_int8(&n.input[3], &n.input[4], n.input.get(5), &n.name)?;
-        Ok((q.input[0].clone(), dq.output[0].clone(), w, true))
+        Ok(Matched {
+            input: q.input[0].clone(),
+            out: dq.output[0].clone(),
+            weights: Weights::Int8 {
+                w: &n.input[3],
+                scale: &n.input[4],
+                zp: n.input.get(5),
+            },
+        })
     }
 
     /// `MatMul(x, W)` or `Gemm(x, W)` with W constant fp32, or QDQ
     /// (`W = DequantizeLinear(int8)`); x may be `DequantizeLinear(QuantizeLinear(x))`.
-    fn float_matmul(
-        &self,
-        n: &pb::NodeProto,
-        quantize_fp32: bool,
-    ) -> Result<Option<Matched>, Unrecognized> {
+    fn float_matmul(&self, n: &'a pb::NodeProto) -> Result<Option<Matched<'a>>, Unrecognized> {
         let bad = |why: &str| format!("{} '{}': {why}", n.op_type, n.name);
         let mut input = n.input[0].clone();
         if let Some(dq) = self.producer_op(&input, "DequantizeLinear") {
@@ -466,8 +542,15 @@ impl Graph<'_> {
                     return Err(bad("weights quantized per input row"));
                 }
             }
-            let w = self.pack_int8(&dq.input[0], &dq.input[1], dq.input.get(2), &n.name)?;
-            return Ok(Some((input, n.output[0].clone(), w, true)));
+            return Ok(Some(Matched {
+                input,
+                out: n.output[0].clone(),
+                weights: Weights::Int8 {
+                    w: &dq.input[0],
+                    scale: &dq.input[1],
+                    zp: dq.input.get(2),
+                },
+            }));
         }
         if !self.is_const(w_name) {
             // Activation × activation (attention): fine in float, but a
@@ -481,27 +564,10 @@ impl Graph<'_> {
             }
             return Ok(None);
         }
-        if !quantize_fp32 {
-            return Err(bad(
-                "fp32 weights: the native engine quantizes them only when asked (--quantize-fp32, quantize_fp32 = true)",
-            ));
-        }
-        let (shape, vals) = self.konst(w_name)?;
-        let (Values::F32(w), [k, cols]) = (vals, &shape[..]) else {
-            return Err(bad("weights are not a float matrix"));
-        };
-        let (k, cols) = (*k, *cols);
-        let mut t = vec![0f32; k * cols];
-        for r in 0..k {
-            for c in 0..cols {
-                t[c * k + r] = w[r * cols + c];
-            }
-        }
-        Ok(Some((
+        Ok(Some(Matched {
             input,
-            n.output[0].clone(),
-            PackedI8::quantize(&t, cols, k),
-            false,
-        )))
+            out: n.output[0].clone(),
+            weights: Weights::F32 { w: w_name },
+        }))
     }
 }

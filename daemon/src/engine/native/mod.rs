@@ -183,6 +183,12 @@ pub fn load(
     }
 }
 
+/// The tensor the output head reads (the last linear layer's input), found
+/// without reading weights: where the load-time probe cuts tract's graph.
+pub fn head_input(dir: &ModelDir, proto: &pb::ModelProto) -> Option<String> {
+    graph::Graph::new(proto, &dir.root).last_linear_input()
+}
+
 /// The worker pool for `--threads` above 1.
 fn spin_pool(opts: &LoadOptions) -> Result<Option<pool::SpinPool>, Unrecognized> {
     let threads = opts.threads.max(opts.batch_threads);
@@ -347,6 +353,8 @@ impl NativeBackend {
 /// The reference's logits on a probe sequence (a prefill of 12 tokens, then
 /// a decode step over that cache), recorded so the reference can be dropped before the
 /// native engine packs its weights: the two never hold the weights at once.
+/// The reference may stop short of the logits ([`tract::Build::ReferenceUntil`](super::tract::Build));
+/// [`Probe::map`] then takes what it recorded the rest of the way.
 #[derive(Debug)]
 pub struct Probe {
     vocab: usize,
@@ -381,6 +389,16 @@ impl Probe {
         })
     }
 
+    /// Replace each part's recorded values by `f(values, rows per part)`.
+    pub fn map(
+        mut self,
+        f: impl FnOnce(&[Vec<f32>], &[usize]) -> Result<Vec<Vec<f32>>, String>,
+    ) -> Result<Probe, String> {
+        let rows: Vec<usize> = PROBE_PARTS.iter().map(|p| p.len()).collect();
+        self.logits = f(&self.logits, &rows)?;
+        Ok(self)
+    }
+
     /// Compare `native` with the recorded logits. Returns the largest logit
     /// difference relative to the largest logit magnitude, or why they
     /// disagree.
@@ -397,8 +415,16 @@ impl Probe {
         let mut worst = 0f32;
         for (part, lb) in PROBE_PARTS.into_iter().zip(&self.logits) {
             native
-                .forward(&mut state, &self.tokens[part], Logits::All, &mut la)
+                .forward(&mut state, &self.tokens[part.clone()], Logits::All, &mut la)
                 .map_err(|e| e.to_string())?;
+            if la.len() != lb.len() {
+                return Err(format!(
+                    "{} logits for {} positions, tract's {}",
+                    la.len(),
+                    part.len(),
+                    lb.len()
+                ));
+            }
             let scale = lb.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
             let diff = la
                 .iter()
