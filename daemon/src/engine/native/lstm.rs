@@ -88,6 +88,36 @@ struct F32Layer {
     r: Panels,
     /// `Wb + Rb`, by unit group (`[groups][GATES]`).
     bias: Vec<f32>,
+    /// First layer only, when small enough ([`FOLD_MAX_BYTES`]): `bias + W·x`
+    /// for every token's embedding `x`, `[vocab][groups][GATES]`.
+    by_token: Option<Vec<f32>>,
+}
+
+/// Largest table of first-layer input products kept ([`F32Layer::by_token`]).
+///
+/// The first layer's input is an embedding row, so its input product takes
+/// one of `vocab` values: computed once at load with the same kernel (bit for
+/// bit what a step would compute), a step reads 16 bytes per gate row of the
+/// table instead of the whole `W` (kjv-lstm: 4 KiB instead of 1 MiB of the
+/// 5.2 MiB a step reads). The cost is `vocab × 4·hidden` floats (kjv-lstm:
+/// 16 MiB), so only small vocabularies get it.
+const FOLD_MAX_BYTES: usize = 32 << 20;
+
+impl F32Layer {
+    /// Fill [`F32Layer::by_token`] from the embedding (the layer's input).
+    fn fold(&mut self, k: &Kernels, embed: &Embedding) {
+        let g4 = self.bias.len();
+        let mut x = vec![0f32; embed.cols()];
+        let mut table = vec![0f32; embed.rows() * g4];
+        for (v, gates) in table.chunks_mut(g4).enumerate() {
+            embed.read(v, &mut x, false);
+            for (q, o) in gates.chunks_mut(GATES).enumerate() {
+                o.copy_from_slice(&self.bias[q * GATES..(q + 1) * GATES]);
+                self.w.add_product(k, q, &[&x], o);
+            }
+        }
+        self.by_token = Some(table);
+    }
 }
 
 /// A layer quantized at load (`quantize_fp32`): per-row int8 weights in
@@ -103,7 +133,10 @@ struct I8Layer {
 impl Layer {
     fn bytes(&self) -> usize {
         match self {
-            Layer::F32(l) => l.w.bytes() + l.r.bytes() + 4 * l.bias.len(),
+            Layer::F32(l) => {
+                let table = l.by_token.as_ref().map_or(0, |t| 4 * t.len());
+                l.w.bytes() + l.r.bytes() + 4 * l.bias.len() + table
+            }
             Layer::I8(l) => l.w.bytes() + l.r.bytes(),
         }
     }
@@ -111,6 +144,7 @@ impl Layer {
     /// Weight bytes one step reads.
     fn streamed(&self) -> usize {
         match self {
+            Layer::F32(l) if l.by_token.is_some() => l.r.bytes() + 4 * l.bias.len(),
             Layer::F32(l) => l.w.bytes() + l.r.bytes(),
             Layer::I8(l) => l.w.w.weight_bytes() + l.r.w.weight_bytes(),
         }
@@ -270,6 +304,7 @@ impl Lstm {
                     r: Panels::pack(&r, hidden, hidden),
                     // The panels' order: a one-column matrix.
                     bias: Panels::pack(&bias, hidden, 1).data,
+                    by_token: None,
                 })
             });
             for (j, whole) in [(1, &io.hn), (2, &io.cn)] {
@@ -298,6 +333,11 @@ impl Lstm {
         let vocab = head.w.rows();
         if head.w.cols() != hidden || embed.rows() != vocab {
             return Err("the output projection is not hidden → vocabulary".into());
+        }
+        if let Some(Layer::F32(first)) = layers.first_mut() {
+            if vocab * 4 * hidden * 4 <= FOLD_MAX_BYTES {
+                first.fold(ember_kernels::kernels(), &embed);
+            }
         }
         Ok(Lstm {
             hidden,
@@ -369,7 +409,8 @@ impl Lstm {
         let steps = runs.iter().map(|s| s.len).max().unwrap_or(0);
         let ns = runs.len();
         let cols = self.embed.cols();
-        for (r, row) in rows.iter().enumerate() {
+        let folded = matches!(self.layers.first(), Some(Layer::F32(l)) if l.by_token.is_some());
+        for (r, row) in rows.iter().enumerate().filter(|_| !folded) {
             self.embed.read(
                 row.token as usize,
                 &mut w.x[r * cols..(r + 1) * cols],
@@ -491,8 +532,17 @@ impl Lstm {
                 w.c[at..at + UNITS].copy_from_slice(&st[c_at + q * UNITS..c_at + (q + 1) * UNITS]);
             }
         }
-        // Input products of every row: gates = bias + W·x.
-        {
+        // Input products of every row: gates = bias + W·x, read by token
+        // from the folded table when there is one.
+        if let Some(table) = &layer.by_token {
+            let g4 = 4 * hd;
+            for (r, row) in st.rows.iter().enumerate() {
+                let by_q = table[row.token as usize * g4..][..g4].chunks(GATES);
+                for (q, from) in by_q.enumerate() {
+                    w.gates[(q * n + r) * GATES..][..GATES].copy_from_slice(from);
+                }
+            }
+        } else {
             let x = &w.x[..n * input];
             let gates = split_parts(&mut w.gates[..groups * n * GATES], per * n * GATES);
             par.run(parts, &|p| {
@@ -839,6 +889,44 @@ mod tests {
             i: v,
             ..Default::default()
         }
+    }
+
+    /// The folded first layer gives the unfolded one's logits bit for bit,
+    /// over a prefill (rows in fours and a remainder) and decode steps.
+    #[test]
+    fn folding_the_first_layer_changes_no_bit() {
+        use crate::model::{self, ModelDir};
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/kjv-lstm");
+        let dir = ModelDir::open(&root).unwrap();
+        let proto = model::read_proto(&dir).unwrap();
+        let family = model::detect_family(&dir, &proto).unwrap();
+        let Family::Lstm(io) = &family else {
+            panic!("kjv-lstm is an LSTM")
+        };
+        let g = Graph::new(&proto, &dir.root);
+        let folded = Lstm::recognize(&g, io, false).unwrap();
+        let mut plain = Lstm::recognize(&g, io, false).unwrap();
+        let Some(Layer::F32(first)) = plain.layers.first_mut() else {
+            panic!("an fp32 first layer")
+        };
+        assert!(
+            first.by_token.take().is_some(),
+            "kjv-lstm's first layer is folded"
+        );
+        assert!(folded.streamed_bytes() < plain.streamed_bytes());
+        let logits = |net: Lstm| {
+            let b = LstmBackend::new(family.clone(), net, None);
+            let mut st = b.new_state().unwrap();
+            let mut all = vec![];
+            for part in [&[3u32, 1, 4, 1, 5, 9, 2][..], &[6], &[4095]] {
+                let mut out = vec![];
+                b.forward(&mut st, part, Logits::All, &mut out).unwrap();
+                all.extend(out);
+            }
+            all
+        };
+        let (a, b) = (logits(folded), logits(plain));
+        assert!(a == b, "folded logits differ");
     }
 
     /// What the cell computes is what the attributes say, or the layer is refused.
