@@ -97,10 +97,11 @@ struct F32Layer {
 ///
 /// The first layer's input is an embedding row, so its input product takes
 /// one of `vocab` values: computed once at load with the same kernel (bit for
-/// bit what a step would compute), a step reads 16 bytes per gate row of the
-/// table instead of the whole `W` (kjv-lstm: 4 KiB instead of 1 MiB of the
-/// 5.2 MiB a step reads). The cost is `vocab × 4·hidden` floats (kjv-lstm:
-/// 16 MiB), so only small vocabularies get it.
+/// bit what a step would compute), a step reads the token's row of the table
+/// (`4·hidden` floats) instead of the whole `W` (kjv-lstm: 4 KiB instead of
+/// 1 MiB of the 5.2 MiB a step read). The cost is `vocab × 4·hidden` floats
+/// (kjv-lstm: 16 MiB; the embedding, no longer read, is still held), so
+/// only small vocabularies get it.
 const FOLD_MAX_BYTES: usize = 32 << 20;
 
 impl F32Layer {
@@ -144,6 +145,7 @@ impl Layer {
     /// Weight bytes one step reads.
     fn streamed(&self) -> usize {
         match self {
+            // The token's row of the table: as many floats as the bias.
             Layer::F32(l) if l.by_token.is_some() => l.r.bytes() + 4 * l.bias.len(),
             Layer::F32(l) => l.w.bytes() + l.r.bytes(),
             Layer::I8(l) => l.w.w.weight_bytes() + l.r.w.weight_bytes(),
