@@ -72,6 +72,7 @@ fn shapes(c: &mut Criterion) {
         (256usize, 256usize),
         (256, 4096),
         (576, 1536),
+        (1024, 4096),
         (576, 49152),
         (896, 4864),
     ];
@@ -80,7 +81,7 @@ fn shapes(c: &mut Criterion) {
         g.throughput(Throughput::Bytes((rows * cols) as u64));
         for (name, k, layout) in variants() {
             let pw = matrix(layout, rows, cols);
-            for batch in [1usize, 4, 8, 64] {
+            for batch in [1usize, 2, 4, 8, 16, 64] {
                 let acts = activations(cols, batch);
                 let xs = qvecs(&acts);
                 let mut out = vec![0f32; batch * rows];

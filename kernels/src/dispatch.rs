@@ -20,16 +20,21 @@ pub enum Isa {
     Avx2,
     /// x86_64 AVX-512 with VNNI (`vpdpbusd`): Ice Lake, Zen 4 and later.
     Avx512Vnni,
+    /// AVX-512 VNNI plus AMX int8 tiles (`tdpbusd`, 16×16×64 multiply-adds
+    /// per instruction) for products of many activations: Sapphire Rapids and
+    /// later Xeons, when the kernel grants the process the tile state.
+    Amx,
 }
 
 impl Isa {
     /// Every level, in the order of the enum.
-    pub const ALL: [Isa; 5] = [
+    pub const ALL: [Isa; 6] = [
         Isa::Generic,
         Isa::Neon,
         Isa::NeonDot,
         Isa::Avx2,
         Isa::Avx512Vnni,
+        Isa::Amx,
     ];
 
     /// Name as accepted by `EMBER_CPU`.
@@ -40,6 +45,7 @@ impl Isa {
             Isa::NeonDot => "neon-dotprod",
             Isa::Avx2 => "avx2",
             Isa::Avx512Vnni => "avx512vnni",
+            Isa::Amx => "amx",
         }
     }
 
@@ -52,7 +58,7 @@ impl Isa {
         match self {
             Isa::Generic => 0,
             Isa::Neon | Isa::NeonDot => 1,
-            Isa::Avx2 | Isa::Avx512Vnni => 2,
+            Isa::Avx2 | Isa::Avx512Vnni | Isa::Amx => 2,
         }
     }
 
@@ -65,7 +71,7 @@ impl Isa {
     /// The highest level of this build's architecture (the default cap).
     pub fn highest() -> Isa {
         if cfg!(target_arch = "x86_64") {
-            Isa::Avx512Vnni
+            Isa::Amx
         } else if cfg!(target_arch = "aarch64") {
             Isa::NeonDot
         } else if cfg!(target_arch = "arm") {
@@ -134,6 +140,44 @@ pub struct Block64<'a> {
 /// Result `[a][r]`; lanes for absent activations are zero.
 pub type BlockFn = fn(&[&[u8]], Block64) -> [[i32; BLOCK_ROWS]; TILE_ACTS];
 
+/// Activations for the matrix kernels ([`Kernels::block16_u8i8`]): 16 rows of
+/// u8 at `stride` bytes apart, `n` meaningful columns each, and zeros from
+/// column `n` up to the next multiple of 64 (those columns meet weights of
+/// other columns, or of the next block, which must count for nothing).
+#[derive(Debug, Clone, Copy)]
+pub struct Acts16<'a> {
+    /// At least `15 · stride + n.next_multiple_of(64)` bytes.
+    pub data: &'a [u8],
+    /// Distance between rows, in bytes (≥ `n.next_multiple_of(64)`).
+    pub stride: usize,
+    /// Columns, ≥ 1.
+    pub n: usize,
+}
+
+/// Consecutive blocks of a [`Layout::Blocks`] matrix.
+#[derive(Debug, Clone, Copy)]
+pub struct Blocks<'a> {
+    /// Block `b` starts at `b · stride`. The kernel reads 64 columns at a
+    /// time, so the last block needs `n.next_multiple_of(64) / 4` groups in
+    /// the slice, not only `n.div_ceil(4)` (the packer leaves that slack).
+    pub data: &'a [i8],
+    /// Bytes per block, a multiple of [`BLOCK_GROUP`] and ≥ `n.div_ceil(4)` groups.
+    pub stride: usize,
+    /// How many blocks.
+    pub count: usize,
+}
+
+/// Activations one matrix-kernel call takes: one AMX tile of rows.
+pub const TILE16_ACTS: usize = 16;
+
+/// A block's sums for 16 activations, `[activation][row]`.
+pub type Acc16 = [[i32; BLOCK_ROWS]; TILE16_ACTS];
+
+/// The matrix micro-kernel: exact `Σ x[c] · w[r][c]` for 16 activations
+/// against each of `count` blocks, block `b`'s sums into `out[b]`
+/// (`out.len() == count`).
+pub type Block16Fn = fn(Acts16, Blocks, &mut [Acc16]);
+
 /// Function pointers to the best kernels for this CPU.
 #[derive(Debug, Clone, Copy)]
 pub struct Kernels {
@@ -149,6 +193,10 @@ pub struct Kernels {
     pub tile_u8i8: TileFn,
     /// The GEMV/GEMM micro-kernel on [`Layout::Blocks`], see [`BlockFn`].
     pub block_u8i8: BlockFn,
+    /// A kernel for 16 activations at once on [`Layout::Blocks`], where the
+    /// CPU has one that beats four passes of `block_u8i8` (AMX); see
+    /// [`Block16Fn`] and [`generic::block16_u8i8`] for its reference.
+    pub block16_u8i8: Option<Block16Fn>,
     /// Attention scores over a block of keys, see [`generic::qk_f32`].
     pub qk_f32: fn(&[f32], &[f32], f32, &mut [f32]),
     /// Attention's weighted sum of a block of values, see [`generic::pv_f32`].
@@ -177,6 +225,7 @@ impl Kernels {
             layout: Layout::Rows,
             tile_u8i8: generic::tile_u8i8,
             block_u8i8: generic::block_u8i8,
+            block16_u8i8: None,
             qk_f32: generic::qk_f32,
             pv_f32: generic::pv_f32,
             panel_f32: generic::panel_f32,
@@ -236,7 +285,7 @@ pub fn cpu_override() -> CpuOverride {
 }
 
 /// The process-wide table: the best this CPU runs, capped by `EMBER_CPU`
-/// (`generic`, `neon`, `neon-dotprod`, `avx2`, `avx512vnni`) when set. A level
+/// (`generic`, `neon`, `neon-dotprod`, `avx2`, `avx512vnni`, `amx`) when set. A level
 /// of another architecture caps to `generic`; an unknown value is ignored
 /// ([`cpu_override`] tells, so the daemon can warn); [`Kernels::isa`] names
 /// what was chosen.
@@ -287,7 +336,12 @@ mod tests {
             .unwrap_or_default();
         let has = |f: &str| flags.contains(&f);
         if cfg!(target_arch = "x86_64") {
-            if has("avx512f") && has("avx512bw") && has("avx512_vnni") {
+            let vnni = has("avx512f") && has("avx512bw") && has("avx512_vnni");
+            // The kernel lists AMX flags only if it manages the tile state.
+            if vnni && has("amx_tile") && has("amx_int8") {
+                return Isa::Amx;
+            }
+            if vnni {
                 return Isa::Avx512Vnni;
             }
             if has("avx2") && has("fma") {
@@ -319,6 +373,9 @@ mod tests {
         assert!(!Isa::Avx512Vnni.allows(Isa::NeonDot));
         assert!(Isa::Avx512Vnni.allows(Isa::Avx2));
         assert!(!Isa::Avx2.allows(Isa::Avx512Vnni));
+        assert!(Isa::Amx.allows(Isa::Avx512Vnni));
+        assert!(!Isa::Avx512Vnni.allows(Isa::Amx));
+        assert!(Kernels::detect(Isa::Avx512Vnni).block16_u8i8.is_none());
         for isa in Isa::ALL {
             assert_eq!(Isa::parse(isa.name()), Some(isa));
         }

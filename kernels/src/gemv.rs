@@ -20,7 +20,8 @@
 use std::ops::Range;
 
 use crate::dispatch::{
-    Block64, Kernels, Layout, Rows4, BLOCK_GROUP, BLOCK_ROWS, TILE_ACTS, TILE_ROWS,
+    Acc16, Acts16, Block16Fn, Block64, Blocks, Kernels, Layout, Rows4, BLOCK_GROUP, BLOCK_ROWS,
+    TILE16_ACTS, TILE_ACTS, TILE_ROWS,
 };
 
 const ROW_ALIGN: usize = 64;
@@ -91,7 +92,13 @@ impl PackedI8 {
         };
         let mut data = match layout {
             Layout::Rows => vec![0i8; padded * stride],
-            Layout::Blocks => vec![0i8; padded / BLOCK_ROWS * stride],
+            // The matrix kernels read 64 columns at a time: the last block's
+            // groups up to the next multiple of 64 columns must exist (they
+            // meet zero activations).
+            Layout::Blocks => {
+                let slack = (cols.next_multiple_of(64) / 4 - cols.div_ceil(4)) * BLOCK_GROUP;
+                vec![0i8; padded / BLOCK_ROWS * stride + slack]
+            }
         };
         let mut row_sums = vec![0i32; padded];
         let mut padded_scales = vec![0f32; padded];
@@ -214,6 +221,23 @@ fn check_operands(w: &PackedI8, xs: &[QVec], bias: Option<&[f32]>) {
     }
 }
 
+/// Whether the matrix kernel ([`Kernels::block16_u8i8`], where the table has
+/// one) beats passes of the 4-activation block kernel. Measured with `cargo
+/// bench --bench gemv` on a Xeon with AMX: at 2–4 activations AMX is slower
+/// (one block-kernel pass does them all), at 8 it is 1.6× faster on 576
+/// columns but 0.8× on 256 (copying and correcting cost more than 4 tile
+/// steps save), from 16 on it wins on every shape (1.2–2.4×).
+fn use_block16(xs: usize, cols: usize) -> bool {
+    xs > TILE_ACTS && (cols >= 512 || xs >= TILE16_ACTS)
+}
+/// Blocks per matrix-kernel call: 32 KiB of sums, in L1.
+const BLOCK16_CHUNK: usize = 8;
+
+thread_local! {
+    /// The activations of [`compute16`], copied into 16 rows padded to 64 columns.
+    static ACTS16: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// The shared core: every (activation, row) result of `rows`, handed to `put`
 /// as `(activation, first row, values of consecutive rows)`.
 fn compute(
@@ -224,6 +248,11 @@ fn compute(
     rows: Range<usize>,
     mut put: impl FnMut(usize, usize, &[f32]),
 ) {
+    if let (Some(f), Layout::Blocks) = (k.block16_u8i8, w.layout) {
+        if use_block16(xs.len(), w.cols) {
+            return compute16(f, w, xs, bias, rows, put);
+        }
+    }
     let tile = w.tile_rows();
     let mut start = rows.start;
     while start < rows.end {
@@ -259,6 +288,65 @@ fn compute(
         }
         start += n_rows;
     }
+}
+
+/// [`compute`] through the matrix kernel: the activations copied into rows
+/// padded with zeros to 64 columns, then for each run of up to
+/// [`BLOCK16_CHUNK`] blocks (a few hundred KiB, which stay in L2) every group
+/// of 16 activations, so weights come from memory once per call.
+fn compute16(
+    f: Block16Fn,
+    w: &PackedI8,
+    xs: &[QVec],
+    bias: Option<&[f32]>,
+    rows: Range<usize>,
+    mut put: impl FnMut(usize, usize, &[f32]),
+) {
+    if rows.is_empty() {
+        return;
+    }
+    let wide = w.cols.next_multiple_of(64);
+    let tile = TILE16_ACTS * wide;
+    let first_block = rows.start / BLOCK_ROWS;
+    let end_block = rows.end.div_ceil(BLOCK_ROWS);
+    let mut out: [Acc16; BLOCK16_CHUNK] = [[[0; BLOCK_ROWS]; TILE16_ACTS]; BLOCK16_CHUNK];
+    ACTS16.with_borrow_mut(|buf| {
+        // Zero padding past each row's `cols` bytes, and whole zero rows
+        // after the last activation.
+        buf.clear();
+        buf.resize(xs.len().div_ceil(TILE16_ACTS) * tile, 0);
+        for (t, x) in xs.iter().enumerate() {
+            buf[t * wide..t * wide + w.cols].copy_from_slice(x.q);
+        }
+        let mut b = first_block;
+        while b < end_block {
+            let count = (end_block - b).min(BLOCK16_CHUNK);
+            let blocks = Blocks {
+                data: &w.data[b * w.stride..],
+                stride: w.stride,
+                count,
+            };
+            for (g, group) in xs.chunks(TILE16_ACTS).enumerate() {
+                let acts = Acts16 {
+                    data: &buf[g * tile..(g + 1) * tile],
+                    stride: wide,
+                    n: w.cols,
+                };
+                f(acts, blocks, &mut out[..count]);
+                for (i, acc) in out[..count].iter().enumerate() {
+                    let base = (b + i) * BLOCK_ROWS;
+                    let (r0, r1) = (base.max(rows.start), (base + BLOCK_ROWS).min(rows.end));
+                    for (j, x) in group.iter().enumerate() {
+                        let mut v = [0f32; BLOCK_ROWS];
+                        let v = &mut v[..r1 - r0];
+                        correct(w, x, bias, r0, &acc[j][r0 - base..r1 - base], v);
+                        put(g * TILE16_ACTS + j, r0, v);
+                    }
+                }
+            }
+            b += count;
+        }
+    });
 }
 
 /// The quantization correction of `acc` (rows from `first`) into `out`: the
@@ -497,7 +585,7 @@ mod tests {
         /// equals one GEMV per activation vector, bit for bit, and so does the
         /// row split over threads.
         #[test]
-        fn gemm_equals_gemv_per_row((rows, cols, w, x, bias) in case(), batch in 1usize..17, blocks: bool) {
+        fn gemm_equals_gemv_per_row((rows, cols, w, x, bias) in case(), batch in 1usize..40, blocks: bool) {
             let layout = if blocks { Layout::Blocks } else { Layout::Rows };
             let pw = PackedI8::quantize_as(layout, &w, rows, cols);
             let acts: Vec<(Vec<u8>, f32, u8)> = (0..batch).map(|i| {
@@ -518,6 +606,57 @@ mod tests {
                 let mut par = vec![f32::NAN; batch * rows];
                 gemm_par(&k, &pw, &qs, Some(&bias), &mut par, &Scoped(3));
                 prop_assert_eq!(&par, &out);
+            }
+        }
+    }
+
+    /// The matrix kernel's path (wide rows, 5+ activations; 16+ at any
+    /// width) against the generic table, bit for bit, with widths that are
+    /// and are not multiples of 64 and batches ending in a partial group.
+    #[test]
+    fn the_matrix_kernel_path_equals_the_reference() {
+        let generic = Kernels::generic();
+        for cols in [64usize, 200, 512, 600, 1000] {
+            let rows = 130;
+            let w: Vec<f32> = (0..rows * cols)
+                .map(|i| ((i * 7919) % 251) as f32 / 125.0 - 1.0)
+                .collect();
+            let bias: Vec<f32> = (0..rows).map(|r| r as f32 * 0.01).collect();
+            let pw = PackedI8::quantize_as(Layout::Blocks, &w, rows, cols);
+            for batch in [5usize, 8, 16, 17, 33] {
+                let acts: Vec<(Vec<u8>, f32, u8)> = (0..batch)
+                    .map(|b| {
+                        let x: Vec<f32> = (0..cols)
+                            .map(|i| ((i * 31 + b * 17) % 97) as f32 / 20.0 - 2.0)
+                            .collect();
+                        let mut q = vec![0u8; cols];
+                        let (s, z) = dynamic_quantize_u8(&x, &mut q);
+                        (q, s, z)
+                    })
+                    .collect();
+                let qs: Vec<QVec> = acts
+                    .iter()
+                    .map(|(q, s, z)| QVec {
+                        q,
+                        scale: *s,
+                        zero_point: *z,
+                    })
+                    .collect();
+                let mut want = vec![0f32; batch * rows];
+                gemm(&generic, &pw, &qs, Some(&bias), &mut want);
+                for k in isas() {
+                    let mut got = vec![f32::NAN; batch * rows];
+                    gemm(&k, &pw, &qs, Some(&bias), &mut got);
+                    assert_eq!(got, want, "{} cols {cols} batch {batch}", k.isa.name());
+                    let mut part = vec![f32::NAN; batch * 70];
+                    gemm_rows(&k, &pw, &qs, Some(&bias), 30..100, &mut part);
+                    for i in 0..batch {
+                        assert_eq!(
+                            part[i * 70..(i + 1) * 70],
+                            want[i * rows + 30..i * rows + 100]
+                        );
+                    }
+                }
             }
         }
     }

@@ -1,7 +1,10 @@
 //! Scalar reference implementations. Always compiled; every SIMD kernel is
 //! tested against these.
 
-use crate::dispatch::{Block64, Rows4, BLOCK_GROUP, BLOCK_ROWS, TILE_ACTS, TILE_ROWS};
+use crate::dispatch::{
+    Acc16, Acts16, Block64, Blocks, Rows4, BLOCK_GROUP, BLOCK_ROWS, TILE16_ACTS, TILE_ACTS,
+    TILE_ROWS,
+};
 
 /// Longest dot product whose i32 sum cannot overflow (255 · 128 · 2^16 < 2^31).
 pub const MAX_DOT_LEN: usize = 1 << 16;
@@ -104,6 +107,71 @@ pub fn block_u8i8(xs: &[&[u8]], w: Block64) -> [[i32; BLOCK_ROWS]; TILE_ACTS] {
         }
     }
     out
+}
+
+/// Panics unless `a` and `w` are operands of a [`Block16Fn`](crate::Block16Fn)
+/// that reads 64 columns at a time: `1 ≤ n ≤ MAX_DOT_LEN`; 16 rows of
+/// `n.next_multiple_of(64)` bytes inside `a.data`, zero past column `n`; block
+/// strides of whole groups holding `n` columns; and the last block's
+/// `n.next_multiple_of(64) / 4` groups inside `w.data`; one output per block.
+pub fn check_block16(a: &Acts16, w: &Blocks, out: &[Acc16]) {
+    assert_eq!(out.len(), w.count, "one output per block");
+    let n = a.n;
+    assert!(
+        (1..=MAX_DOT_LEN).contains(&n),
+        "activation length {n} out of range"
+    );
+    let wide = n.next_multiple_of(64);
+    assert!(
+        a.stride >= wide,
+        "activation stride {} under {wide}",
+        a.stride
+    );
+    assert!(
+        a.data.len() >= (TILE16_ACTS - 1) * a.stride + wide,
+        "16 activation rows need {} bytes, got {}",
+        (TILE16_ACTS - 1) * a.stride + wide,
+        a.data.len()
+    );
+    for t in 0..TILE16_ACTS {
+        assert!(
+            a.data[t * a.stride + n..t * a.stride + wide]
+                .iter()
+                .all(|&v| v == 0),
+            "activation row {t} is not zero past column {n}"
+        );
+    }
+    assert!(
+        w.stride.is_multiple_of(BLOCK_GROUP) && w.stride >= n.div_ceil(4) * BLOCK_GROUP,
+        "block stride {} does not hold {n} columns in whole groups",
+        w.stride
+    );
+    if w.count > 0 {
+        let need = (w.count - 1) * w.stride + wide / 4 * BLOCK_GROUP;
+        assert!(
+            w.data.len() >= need,
+            "{} blocks read 64 columns at a time need {need} bytes, got {}",
+            w.count,
+            w.data.len()
+        );
+    }
+}
+
+/// The reference matrix micro-kernel: [`block_u8i8`] on four groups of four
+/// activations, block by block.
+pub fn block16_u8i8(a: Acts16, w: Blocks, out: &mut [Acc16]) {
+    check_block16(&a, &w, out);
+    let n = a.n;
+    for (b, acc) in out.iter_mut().enumerate() {
+        let block = Block64 {
+            data: &w.data[b * w.stride..b * w.stride + n.div_ceil(4) * BLOCK_GROUP],
+        };
+        for (g, quarter) in acc.chunks_mut(TILE_ACTS).enumerate() {
+            let rows: [&[u8]; TILE_ACTS] =
+                std::array::from_fn(|j| &a.data[(g * TILE_ACTS + j) * a.stride..][..n]);
+            quarter.copy_from_slice(&block_u8i8(&rows, block));
+        }
+    }
 }
 
 /// Index of the largest value, the lowest index on ties; 0 for an empty slice.

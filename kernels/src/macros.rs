@@ -10,7 +10,7 @@
 ///           pub fn NAME = IMPL, isa = "what it needs", when = PREDICATE; }
 /// ```
 ///
-/// The kind (`dot_u8i8`, `dot_i8i8`, `tile_u8i8`, `block_u8i8`, `qk_f32`, `pv_f32`, `panel_f32`, `dynamic_params`, `quantize_u8`, `act_f32`,
+/// The kind (`dot_u8i8`, `dot_i8i8`, `tile_u8i8`, `block_u8i8`, `block16_u8i8`, `qk_f32`, `pv_f32`, `panel_f32`, `dynamic_params`, `quantize_u8`, `act_f32`,
 /// `softmax_f32`, `lstm_cell_f32`) picks the signature, the
 /// precondition check from [`crate::generic`] and the property test from
 /// `crate::check`. The generated `NAME` asserts the preconditions and the CPU
@@ -68,6 +68,24 @@ macro_rules! kernel {
             unsafe { $imp(xs, n, w) }
         }
         kernel!(@test $name, $pred, block_u8i8);
+    };
+    (block16_u8i8: $(#[$doc:meta])* pub fn $name:ident = $imp:path, isa = $isa:expr, when = $pred:expr;) => {
+        $(#[$doc])*
+        pub fn $name(
+            a: crate::dispatch::Acts16,
+            w: crate::dispatch::Blocks,
+            out: &mut [crate::dispatch::Acc16],
+        ) {
+            crate::generic::check_block16(&a, &w, out);
+            assert!($pred, concat!(stringify!($name), " needs a CPU with ", $isa));
+            // SAFETY: the CPU features `$imp` needs were checked just above;
+            // `check_block16` proved 16 activation rows of `n` rounded up to 64
+            // bytes inside `a.data` and every block's groups, 64 columns at a
+            // time, inside `w.data`: all `$imp` reads; `out` has one entry per
+            // block, all it writes.
+            unsafe { $imp(a, w, out) }
+        }
+        kernel!(@test $name, $pred, block16_u8i8);
     };
     (qk_f32: $(#[$doc:meta])* pub fn $name:ident = $imp:path, isa = $isa:expr, when = $pred:expr;) => {
         $(#[$doc])*

@@ -1,5 +1,6 @@
-//! x86_64 kernels: AVX2 and AVX-512 VNNI. The `#[target_feature]` functions
-//! are private; `plug` installs their safe wrappers after detection.
+//! x86_64 kernels: AVX2, AVX-512 VNNI and AMX int8. The `#[target_feature]`
+//! and inline-asm functions are private; `plug` installs their safe wrappers
+//! after detection.
 
 use crate::dispatch::{Isa, Kernels, Layout};
 
@@ -11,6 +12,32 @@ fn has_avx512vnni() -> bool {
     is_x86_feature_detected!("avx512f")
         && is_x86_feature_detected!("avx512bw")
         && is_x86_feature_detected!("avx512vnni")
+}
+
+/// AMX int8 usable: the CPU has the tiles and their int8 product (CPUID leaf
+/// 7: EDX bits 24 and 25) beside AVX-512 VNNI, and Linux granted this process
+/// the tile data state (`arch_prctl(ARCH_REQ_XCOMP_PERM)`, Linux 5.16+;
+/// without it the first tile instruction faults). Asked once per process; the
+/// grant covers every thread. `is_x86_feature_detected!` has no stable AMX
+/// names yet.
+fn has_amx() -> bool {
+    static AMX: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AMX.get_or_init(|| {
+        // CPUID leaf 7 exists on every x86_64 CPU with AVX-512, checked first.
+        let leaf7 = has_avx512vnni().then(|| std::arch::x86_64::__cpuid_count(7, 0));
+        let cpu = leaf7.is_some_and(|l| (l.edx >> 24) & 1 == 1 && (l.edx >> 25) & 1 == 1);
+        const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+        const XFEATURE_XTILEDATA: libc::c_long = 18;
+        // SAFETY: arch_prctl with these arguments only changes which xsave
+        // features the kernel lets this process use; it reads no memory.
+        cpu && unsafe {
+            libc::syscall(
+                libc::SYS_arch_prctl,
+                ARCH_REQ_XCOMP_PERM,
+                XFEATURE_XTILEDATA,
+            )
+        } == 0
+    })
 }
 
 /// Install the best kernels this CPU runs, as far as `limit` allows.
@@ -44,6 +71,10 @@ pub(crate) fn plug(k: &mut Kernels, limit: Isa) {
         k.act_f32 = act_f32_avx512;
         k.softmax_f32 = softmax_f32_avx512;
         k.lstm_cell_f32 = lstm_cell_f32_avx512;
+    }
+    if limit.allows(Isa::Amx) && has_amx() {
+        k.isa = Isa::Amx;
+        k.block16_u8i8 = Some(block16_u8i8_amx);
     }
 }
 
@@ -295,6 +326,11 @@ kernel! { block_u8i8:
     /// activation) against the activation's 4 bytes broadcast: 16 independent
     /// accumulators at 4 activations, no horizontal sums.
     pub fn block_u8i8_avx512vnni = avx512vnni::block_u8i8, isa = "AVX-512 F, BW and VNNI", when = has_avx512vnni();
+}
+
+kernel! { block16_u8i8:
+    /// 16 activations × 64 rows per block on AMX tiles, 64 columns per step.
+    pub fn block16_u8i8_amx = amx::block16, isa = "AMX int8 (and the kernel's tile grant)", when = has_amx();
 }
 
 mod avx2 {
@@ -646,5 +682,103 @@ mod avx512vnni {
             }
         }
         out
+    }
+}
+
+/// AMX int8 through inline asm: the AMX intrinsics and target features are
+/// not stable Rust yet, but the assembler knows the instructions.
+///
+/// A [`Layout::Blocks`] block is already AMX's B-tile layout: group `g` (4
+/// columns of 64 rows, 256 bytes) holds row `r`'s 4 bytes at `4r`, so the
+/// tile of 16 groups × rows `16i..16i+16` is 16 rows of 64 bytes at a stride
+/// of 256 from `g · 256 + 64i`. Per step of 64 columns: one A tile (16
+/// activations × 64 bytes), four B tiles, four `tdpbusd` into the four C
+/// tiles of the block's 64 rows.
+mod amx {
+    use std::arch::asm;
+
+    use crate::dispatch::{Acc16, Acts16, Blocks, BLOCK_GROUP, BLOCK_ROWS};
+
+    /// `ldtilecfg`'s 64-byte operand: palette 1; tmm0–7 all 16 rows × 64
+    /// bytes (C: tmm0–3, A: tmm4, B: tmm5–7).
+    #[repr(C, align(64))]
+    struct TileConfig([u8; 64]);
+
+    const CONFIG: TileConfig = {
+        let mut c = [0u8; 64];
+        c[0] = 1;
+        let mut t = 0;
+        while t < 8 {
+            c[16 + 2 * t] = 64; // bytes per row (u16, little-endian)
+            c[48 + t] = 16; // rows
+            t += 1;
+        }
+        TileConfig(c)
+    };
+
+    /// # Safety
+    /// The CPU runs AMX int8 and the process has the tile grant; `a` and `w`
+    /// satisfy [`crate::generic::check_block16`].
+    pub(super) unsafe fn block16(a: Acts16, w: Blocks, out: &mut [Acc16]) {
+        let steps = a.n.div_ceil(64);
+        // SAFETY: CONFIG is a valid palette-1 configuration, 64-byte aligned.
+        unsafe { asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly)) };
+        for (b, acc) in out.iter_mut().enumerate() {
+            // SAFETY: zeroing tiles touches no memory.
+            unsafe {
+                asm!(
+                    "tilezero tmm0",
+                    "tilezero tmm1",
+                    "tilezero tmm2",
+                    "tilezero tmm3",
+                    options(nostack, nomem)
+                )
+            };
+            for s in 0..steps {
+                // SAFETY: check_block16 proved 16 rows of `steps · 64` bytes at
+                // a.stride inside a.data, and the block's groups up to
+                // 16 · steps inside w.data, so the A tile (16 × 64 bytes from
+                // column 64s) and the four B tiles (16 groups from 16s, 64
+                // bytes each at a stride of 256) are in bounds.
+                unsafe {
+                    let ap = a.data.as_ptr().add(s * 64);
+                    // b < out.len() = w.count (checked).
+                    let wp = w.data.as_ptr().add(b * w.stride + s * 16 * BLOCK_GROUP);
+                    asm!(
+                        "tileloadd tmm4, [{a} + {sa}*1]",
+                        "tileloadd tmm5, [{w} + {sw}*1]",
+                        "tileloadd tmm6, [{w} + {sw}*1 + 64]",
+                        "tileloadd tmm7, [{w} + {sw}*1 + 128]",
+                        "tdpbusd tmm0, tmm4, tmm5",
+                        "tileloadd tmm5, [{w} + {sw}*1 + 192]",
+                        "tdpbusd tmm1, tmm4, tmm6",
+                        "tdpbusd tmm2, tmm4, tmm7",
+                        "tdpbusd tmm3, tmm4, tmm5",
+                        a = in(reg) ap,
+                        sa = in(reg) a.stride,
+                        w = in(reg) wp,
+                        sw = in(reg) BLOCK_GROUP,
+                        options(nostack, readonly)
+                    )
+                };
+            }
+            // SAFETY: `acc` is 16 rows of 256 bytes; C tile i goes to bytes
+            // 64i.. of each row (rows 16i..16i+16 of the block).
+            unsafe {
+                let op = acc.as_mut_ptr() as *mut u8;
+                asm!(
+                    "tilestored [{o} + {so}*1], tmm0",
+                    "tilestored [{o} + {so}*1 + 64], tmm1",
+                    "tilestored [{o} + {so}*1 + 128], tmm2",
+                    "tilestored [{o} + {so}*1 + 192], tmm3",
+                    o = in(reg) op,
+                    so = in(reg) BLOCK_ROWS * 4,
+                    options(nostack)
+                )
+            };
+        }
+        // SAFETY: returns the tile state to its initial state (cheaper
+        // context switches); touches no memory.
+        unsafe { asm!("tilerelease", options(nostack, nomem)) };
     }
 }
