@@ -180,38 +180,40 @@ type Block16Kernel = fn(crate::Acts16, crate::Blocks, &mut [crate::Acc16]);
 
 /// Every block's sums through `f` (outputs start as garbage to overwrite).
 fn block16_sums(f: Block16Kernel, a: crate::Acts16, w: crate::Blocks) -> Vec<crate::Acc16> {
-    let mut out = vec![[[7; BLOCK_ROWS]; crate::TILE16_ACTS]; w.count];
+    let mut out = vec![[[7; BLOCK_ROWS]; crate::TILE16_ACTS]; w.count * a.tiles];
     f(a, w, &mut out);
     out
 }
 
-/// 16 activations against 1–3 blocks: random weights everywhere, so the
-/// columns past `n` (which a 64-column kernel multiplies by the activations'
-/// zero padding) and the slack after the last block hold garbage; rows of
-/// random length up to 300 at a padded stride.
+/// 16 or 32 activations against 1–3 blocks: random weights everywhere, so
+/// the columns past `n` (which a 64-column kernel multiplies by the
+/// activations' zero padding) and the slack after the last block hold
+/// garbage; rows of random length up to 300 at a padded stride.
 pub(crate) fn block16_u8i8(f: Block16Kernel) {
-    let case = (1usize..300, 1usize..4, 0usize..2, 0usize..2).prop_flat_map(
-        |(n, count, extra_groups, extra_cols)| {
+    let case = (1usize..300, 1usize..4, 0usize..2, 0usize..2, 1usize..=2).prop_flat_map(
+        |(n, count, extra_groups, extra_cols, tiles)| {
             let stride = (n.div_ceil(4) + extra_groups) * BLOCK_GROUP;
             let wide = n.next_multiple_of(64);
             let a_stride = wide + 64 * extra_cols;
+            let rows = crate::TILE16_ACTS * tiles;
             (
-                u8s(15 * a_stride + wide),
+                u8s((rows - 1) * a_stride + wide),
                 i8s((count - 1) * stride + wide / 4 * BLOCK_GROUP),
             )
                 .prop_map(move |(mut a, w)| {
-                    for t in 0..crate::TILE16_ACTS {
+                    for t in 0..rows {
                         a[t * a_stride + n..t * a_stride + wide].fill(0);
                     }
-                    (n, a_stride, a, stride, count, w)
+                    (n, a_stride, a, stride, count, w, tiles)
                 })
         },
     );
-    run(case, |(n, a_stride, a, stride, count, w)| {
+    run(case, |(n, a_stride, a, stride, count, w, tiles)| {
         let acts = crate::Acts16 {
             data: &a,
             stride: a_stride,
             n,
+            tiles,
         };
         let blocks = crate::Blocks {
             data: &w,
@@ -219,22 +221,23 @@ pub(crate) fn block16_u8i8(f: Block16Kernel) {
             count,
         };
         let want = block16_sums(generic::block16_u8i8, acts, blocks);
-        prop_assert_eq!(want.len(), count);
+        prop_assert_eq!(want.len(), count * tiles);
         prop_assert_eq!(
             block16_sums(f, acts, blocks),
             want,
-            "n {} stride {} count {}",
+            "n {} stride {} count {} tiles {}",
             n,
             stride,
-            count
+            count,
+            tiles
         );
         Ok(())
     });
     for n in WORST_LENS {
         let wide = n.next_multiple_of(64);
-        for w in [i8::MIN, i8::MAX] {
-            let mut a = vec![255u8; 16 * wide];
-            for t in 0..crate::TILE16_ACTS {
+        for (w, tiles) in [(i8::MIN, 1), (i8::MAX, 1), (i8::MIN, 2)] {
+            let mut a = vec![255u8; 16 * tiles * wide];
+            for t in 0..16 * tiles {
                 a[t * wide + n..(t + 1) * wide].fill(0);
             }
             let mut data = vec![w; wide / 4 * BLOCK_GROUP];
@@ -251,6 +254,7 @@ pub(crate) fn block16_u8i8(f: Block16Kernel) {
                 data: &a,
                 stride: wide,
                 n,
+                tiles,
             };
             let blocks = crate::Blocks {
                 data: &data,
@@ -260,7 +264,7 @@ pub(crate) fn block16_u8i8(f: Block16Kernel) {
             let want = 255 * w as i32 * n as i32;
             assert_eq!(
                 block16_sums(f, acts, blocks),
-                vec![[[want; BLOCK_ROWS]; crate::TILE16_ACTS]],
+                vec![[[want; BLOCK_ROWS]; crate::TILE16_ACTS]; tiles],
                 "n {n}"
             );
         }

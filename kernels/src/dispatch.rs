@@ -140,19 +140,26 @@ pub struct Block64<'a> {
 /// Result `[a][r]`; lanes for absent activations are zero.
 pub type BlockFn = fn(&[&[u8]], Block64) -> [[i32; BLOCK_ROWS]; TILE_ACTS];
 
-/// Activations for the matrix kernels ([`Kernels::block16_u8i8`]): 16 rows of
-/// u8 at `stride` bytes apart, `n` meaningful columns each, and zeros from
-/// column `n` up to the next multiple of 64 (those columns meet weights of
-/// other columns, or of the next block, which must count for nothing).
+/// Activations for the matrix kernels ([`Kernels::block16_u8i8`]): `tiles`
+/// groups of 16 rows of u8 at `stride` bytes apart, `n` meaningful columns
+/// each, and zeros from column `n` up to the next multiple of 64 (those
+/// columns meet weights of other columns, or of the next block, which must
+/// count for nothing).
 #[derive(Debug, Clone, Copy)]
 pub struct Acts16<'a> {
-    /// At least `15 · stride + n.next_multiple_of(64)` bytes.
+    /// At least `(16 · tiles − 1) · stride + n.next_multiple_of(64)` bytes.
     pub data: &'a [u8],
     /// Distance between rows, in bytes (≥ `n.next_multiple_of(64)`).
     pub stride: usize,
     /// Columns, ≥ 1.
     pub n: usize,
+    /// Groups of 16 rows: 1, or [`MAX_TILES16`] (each weight tile loaded
+    /// then serves both).
+    pub tiles: usize,
 }
+
+/// Most groups of 16 activations one matrix-kernel call takes.
+pub const MAX_TILES16: usize = 2;
 
 /// Consecutive blocks of a [`Layout::Blocks`] matrix.
 #[derive(Debug, Clone, Copy)]
@@ -173,9 +180,9 @@ pub const TILE16_ACTS: usize = 16;
 /// A block's sums for 16 activations, `[activation][row]`.
 pub type Acc16 = [[i32; BLOCK_ROWS]; TILE16_ACTS];
 
-/// The matrix micro-kernel: exact `Σ x[c] · w[r][c]` for 16 activations
-/// against each of `count` blocks, block `b`'s sums into `out[b]`
-/// (`out.len() == count`).
+/// The matrix micro-kernel: exact `Σ x[c] · w[r][c]` for `tiles` groups of
+/// 16 activations against each of `count` blocks, group `g`'s sums with
+/// block `b` into `out[b · tiles + g]` (`out.len() == count · tiles`).
 pub type Block16Fn = fn(Acts16, Blocks, &mut [Acc16]);
 
 /// Function pointers to the best kernels for this CPU.

@@ -20,11 +20,18 @@
 use std::ops::Range;
 
 use crate::dispatch::{
-    Acc16, Acts16, Block16Fn, Block64, Blocks, Kernels, Layout, Rows4, BLOCK_GROUP, BLOCK_ROWS,
-    TILE16_ACTS, TILE_ACTS, TILE_ROWS,
+    Acts16, Block16Fn, Block64, Blocks, Kernels, Layout, Rows4, BLOCK_GROUP, BLOCK_ROWS,
+    MAX_TILES16, TILE16_ACTS, TILE_ACTS, TILE_ROWS,
 };
 
 const ROW_ALIGN: usize = 64;
+
+/// How the source of [`PackedI8::pack`] lies in memory: the order to read it in.
+#[derive(Debug, Clone, Copy)]
+enum Source {
+    RowMajor,
+    Transposed,
+}
 
 /// A weight matrix (`rows × cols`, output-major) packed for the kernels.
 #[derive(Debug, Clone)]
@@ -52,9 +59,14 @@ impl PackedI8 {
     /// caller a transposed copy of the matrix at load.
     pub fn from_quantized_t(q_t: &[i8], rows: usize, cols: usize, scales: &[f32]) -> PackedI8 {
         assert_eq!(q_t.len(), rows * cols, "weights are not {cols}×{rows}");
-        PackedI8::pack(crate::kernels().layout, rows, cols, scales, |r, c| {
-            q_t[c * rows + r]
-        })
+        PackedI8::pack(
+            crate::kernels().layout,
+            Source::Transposed,
+            rows,
+            cols,
+            scales,
+            |r, c| q_t[c * rows + r],
+        )
     }
 
     /// [`PackedI8::from_quantized`] in a given layout (any table computes on
@@ -67,12 +79,15 @@ impl PackedI8 {
         scales: &[f32],
     ) -> PackedI8 {
         assert_eq!(q.len(), rows * cols, "weights are not {rows}×{cols}");
-        PackedI8::pack(layout, rows, cols, scales, |r, c| q[r * cols + c])
+        PackedI8::pack(layout, Source::RowMajor, rows, cols, scales, |r, c| {
+            q[r * cols + c]
+        })
     }
 
-    /// Pack the `rows × cols` weights `at(row, col)`.
+    /// Pack the `rows × cols` weights `at(row, col)`, read in `order`.
     fn pack(
         layout: Layout,
+        order: Source,
         rows: usize,
         cols: usize,
         scales: &[f32],
@@ -103,21 +118,23 @@ impl PackedI8 {
         let mut row_sums = vec![0i32; padded];
         let mut padded_scales = vec![0f32; padded];
         padded_scales[..rows].copy_from_slice(scales);
-        for (r, sum) in row_sums[..rows].iter_mut().enumerate() {
-            for c in 0..cols {
-                let v = at(r, c);
-                *sum += v as i32;
-                let i = match layout {
-                    Layout::Rows => r * stride + c,
-                    Layout::Blocks => {
-                        r / BLOCK_ROWS * stride
-                            + (c / 4) * BLOCK_GROUP
-                            + (r % BLOCK_ROWS) * 4
-                            + c % 4
-                    }
-                };
-                data[i] = v;
-            }
+        let mut put = |r: usize, c: usize| {
+            let v = at(r, c);
+            row_sums[r] += v as i32;
+            let i = match layout {
+                Layout::Rows => r * stride + c,
+                Layout::Blocks => {
+                    r / BLOCK_ROWS * stride + (c / 4) * BLOCK_GROUP + (r % BLOCK_ROWS) * 4 + c % 4
+                }
+            };
+            data[i] = v;
+        };
+        // Walk the source in its own order: a row-major source row by row, a
+        // transposed one column by column (reading it row by row touched a
+        // new cache line per byte and was most of the packing time at load).
+        match order {
+            Source::RowMajor => (0..rows).for_each(|r| (0..cols).for_each(|c| put(r, c))),
+            Source::Transposed => (0..cols).for_each(|c| (0..rows).for_each(|r| put(r, c))),
         }
         PackedI8 {
             layout,
@@ -230,7 +247,7 @@ fn check_operands(w: &PackedI8, xs: &[QVec], bias: Option<&[f32]>) {
 fn use_block16(xs: usize, cols: usize) -> bool {
     xs > TILE_ACTS && (cols >= 512 || xs >= TILE16_ACTS)
 }
-/// Blocks per matrix-kernel call: 32 KiB of sums, in L1.
+/// Blocks per matrix-kernel call: 32 KiB of sums per group, in L1.
 const BLOCK16_CHUNK: usize = 8;
 
 thread_local! {
@@ -309,12 +326,13 @@ fn compute16(
     let tile = TILE16_ACTS * wide;
     let first_block = rows.start / BLOCK_ROWS;
     let end_block = rows.end.div_ceil(BLOCK_ROWS);
-    let mut out: [Acc16; BLOCK16_CHUNK] = [[[0; BLOCK_ROWS]; TILE16_ACTS]; BLOCK16_CHUNK];
+    let mut out = [[[0; BLOCK_ROWS]; TILE16_ACTS]; BLOCK16_CHUNK * MAX_TILES16];
+    let groups = xs.len().div_ceil(TILE16_ACTS);
     ACTS16.with_borrow_mut(|buf| {
         // Zero padding past each row's `cols` bytes, and whole zero rows
         // after the last activation.
         buf.clear();
-        buf.resize(xs.len().div_ceil(TILE16_ACTS) * tile, 0);
+        buf.resize(groups * tile, 0);
         for (t, x) in xs.iter().enumerate() {
             buf[t * wide..t * wide + w.cols].copy_from_slice(x.q);
         }
@@ -326,23 +344,33 @@ fn compute16(
                 stride: w.stride,
                 count,
             };
-            for (g, group) in xs.chunks(TILE16_ACTS).enumerate() {
+            // Groups two at a time (each weight tile then serves 32
+            // activations), the last alone if their number is odd.
+            let mut g = 0;
+            while g < groups {
+                let tiles = (groups - g).min(MAX_TILES16);
                 let acts = Acts16 {
-                    data: &buf[g * tile..(g + 1) * tile],
+                    data: &buf[g * tile..(g + tiles) * tile],
                     stride: wide,
                     n: w.cols,
+                    tiles,
                 };
-                f(acts, blocks, &mut out[..count]);
-                for (i, acc) in out[..count].iter().enumerate() {
-                    let base = (b + i) * BLOCK_ROWS;
+                let out = &mut out[..count * tiles];
+                f(acts, blocks, out);
+                for (i, acc) in out.iter().enumerate() {
+                    let (block, group) = (b + i / tiles, g + i % tiles);
+                    let base = block * BLOCK_ROWS;
                     let (r0, r1) = (base.max(rows.start), (base + BLOCK_ROWS).min(rows.end));
-                    for (j, x) in group.iter().enumerate() {
+                    let first = group * TILE16_ACTS;
+                    let last = (first + TILE16_ACTS).min(xs.len());
+                    for (j, x) in xs[first..last].iter().enumerate() {
                         let mut v = [0f32; BLOCK_ROWS];
                         let v = &mut v[..r1 - r0];
                         correct(w, x, bias, r0, &acc[j][r0 - base..r1 - base], v);
-                        put(g * TILE16_ACTS + j, r0, v);
+                        put(first + j, r0, v);
                     }
                 }
+                g += tiles;
             }
             b += count;
         }

@@ -113,9 +113,20 @@ pub fn block_u8i8(xs: &[&[u8]], w: Block64) -> [[i32; BLOCK_ROWS]; TILE_ACTS] {
 /// that reads 64 columns at a time: `1 ≤ n ≤ MAX_DOT_LEN`; 16 rows of
 /// `n.next_multiple_of(64)` bytes inside `a.data`, zero past column `n`; block
 /// strides of whole groups holding `n` columns; and the last block's
-/// `n.next_multiple_of(64) / 4` groups inside `w.data`; one output per block.
+/// `n.next_multiple_of(64) / 4` groups inside `w.data`; one output per block
+/// and group of 16 activations.
 pub fn check_block16(a: &Acts16, w: &Blocks, out: &[Acc16]) {
-    assert_eq!(out.len(), w.count, "one output per block");
+    assert!(
+        a.tiles == 1 || a.tiles == crate::dispatch::MAX_TILES16,
+        "{} groups of activations",
+        a.tiles
+    );
+    assert_eq!(
+        out.len(),
+        w.count * a.tiles,
+        "one output per block and group"
+    );
+    let rows = TILE16_ACTS * a.tiles;
     let n = a.n;
     assert!(
         (1..=MAX_DOT_LEN).contains(&n),
@@ -128,12 +139,12 @@ pub fn check_block16(a: &Acts16, w: &Blocks, out: &[Acc16]) {
         a.stride
     );
     assert!(
-        a.data.len() >= (TILE16_ACTS - 1) * a.stride + wide,
-        "16 activation rows need {} bytes, got {}",
-        (TILE16_ACTS - 1) * a.stride + wide,
+        a.data.len() >= (rows - 1) * a.stride + wide,
+        "{rows} activation rows need {} bytes, got {}",
+        (rows - 1) * a.stride + wide,
         a.data.len()
     );
-    for t in 0..TILE16_ACTS {
+    for t in 0..rows {
         assert!(
             a.data[t * a.stride + n..t * a.stride + wide]
                 .iter()
@@ -162,13 +173,15 @@ pub fn check_block16(a: &Acts16, w: &Blocks, out: &[Acc16]) {
 pub fn block16_u8i8(a: Acts16, w: Blocks, out: &mut [Acc16]) {
     check_block16(&a, &w, out);
     let n = a.n;
-    for (b, acc) in out.iter_mut().enumerate() {
+    for (i, acc) in out.iter_mut().enumerate() {
+        let (b, g) = (i / a.tiles, i % a.tiles);
         let block = Block64 {
             data: &w.data[b * w.stride..b * w.stride + n.div_ceil(4) * BLOCK_GROUP],
         };
-        for (g, quarter) in acc.chunks_mut(TILE_ACTS).enumerate() {
-            let rows: [&[u8]; TILE_ACTS] =
-                std::array::from_fn(|j| &a.data[(g * TILE_ACTS + j) * a.stride..][..n]);
+        for (q, quarter) in acc.chunks_mut(TILE_ACTS).enumerate() {
+            let rows: [&[u8]; TILE_ACTS] = std::array::from_fn(|j| {
+                &a.data[(g * TILE16_ACTS + q * TILE_ACTS + j) * a.stride..][..n]
+            });
             quarter.copy_from_slice(&block_u8i8(&rows, block));
         }
     }

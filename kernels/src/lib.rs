@@ -51,6 +51,7 @@ mod dispatch;
 
 pub use dispatch::{
     cpu_override, kernels, Acc16, Acts16, Block16Fn, Block64, BlockFn, Blocks, CpuOverride, Isa,
-    Kernels, Layout, Rows4, TileFn, BLOCK_GROUP, BLOCK_ROWS, TILE16_ACTS, TILE_ACTS, TILE_ROWS,
+    Kernels, Layout, Rows4, TileFn, BLOCK_GROUP, BLOCK_ROWS, MAX_TILES16, TILE16_ACTS, TILE_ACTS,
+    TILE_ROWS,
 };
 pub use generic::{argmax, log_softmax_inplace, log_sum_exp, softmax_inplace};

@@ -704,6 +704,128 @@ mod amx {
     #[repr(C, align(64))]
     struct TileConfig([u8; 64]);
 
+    /// Zero the C tiles, tmm0–3.
+    ///
+    /// # Safety
+    /// Tiles configured with `CONFIG`.
+    #[inline(always)]
+    unsafe fn zero_c() {
+        // SAFETY: zeroing tiles touches no memory (the caller configured them).
+        unsafe {
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                options(nostack, nomem)
+            )
+        };
+    }
+
+    /// 16 activations × one block: per step one A tile and four B tiles
+    /// (rows 16i..16i+16), four `tdpbusd` into C tiles tmm0–3.
+    ///
+    /// # Safety
+    /// Tiles configured with `CONFIG`; `a` satisfies `check_block16` with
+    /// one group, and `wp` is a block of `w` that did too.
+    #[inline(always)]
+    unsafe fn one_group(a: Acts16, wp: *const i8, acc: &mut Acc16) {
+        // SAFETY: tiles configured (this function's precondition).
+        unsafe { zero_c() };
+        for s in 0..a.n.div_ceil(64) {
+            // SAFETY: check_block16 proved 16 rows of `steps · 64` bytes at
+            // a.stride inside a.data, and the block's groups up to 16 · steps
+            // inside w.data, so the A tile (16 × 64 bytes from column 64s)
+            // and the four B tiles (16 groups from 16s, 64 bytes each at a
+            // stride of 256) are in bounds.
+            unsafe {
+                asm!(
+                    "tileloadd tmm4, [{a} + {sa}*1]",
+                    "tileloadd tmm5, [{w} + {sw}*1]",
+                    "tileloadd tmm6, [{w} + {sw}*1 + 64]",
+                    "tileloadd tmm7, [{w} + {sw}*1 + 128]",
+                    "tdpbusd tmm0, tmm4, tmm5",
+                    "tileloadd tmm5, [{w} + {sw}*1 + 192]",
+                    "tdpbusd tmm1, tmm4, tmm6",
+                    "tdpbusd tmm2, tmm4, tmm7",
+                    "tdpbusd tmm3, tmm4, tmm5",
+                    a = in(reg) a.data.as_ptr().add(s * 64),
+                    sa = in(reg) a.stride,
+                    w = in(reg) wp.add(s * 16 * BLOCK_GROUP),
+                    sw = in(reg) BLOCK_GROUP,
+                    options(nostack, readonly)
+                )
+            };
+        }
+        // SAFETY: `acc` is 16 rows of 256 bytes; C tile i goes to bytes 64i..
+        // of each row (rows 16i..16i+16 of the block).
+        unsafe {
+            asm!(
+                "tilestored [{o} + {so}*1], tmm0",
+                "tilestored [{o} + {so}*1 + 64], tmm1",
+                "tilestored [{o} + {so}*1 + 128], tmm2",
+                "tilestored [{o} + {so}*1 + 192], tmm3",
+                o = in(reg) acc.as_mut_ptr() as *mut u8,
+                so = in(reg) BLOCK_ROWS * 4,
+                options(nostack)
+            )
+        };
+    }
+
+    /// 32 activations × one block, a half (32 rows) at a time: per step two
+    /// A tiles (tmm4–5) and two B tiles (tmm6–7), each tile loaded serving
+    /// two `tdpbusd` (C: tmm0–1 group 0, tmm2–3 group 1).
+    ///
+    /// # Safety
+    /// Tiles configured with `CONFIG`; `a` satisfies `check_block16` with
+    /// two groups, `wp` is a block of `w` that did too, `acc` holds two.
+    #[inline(always)]
+    unsafe fn two_groups(a: Acts16, wp: *const i8, acc: &mut [Acc16]) {
+        assert_eq!(acc.len(), 2);
+        for half in 0..2 {
+            // SAFETY: tiles configured (this function's precondition).
+            unsafe { zero_c() };
+            for s in 0..a.n.div_ceil(64) {
+                // SAFETY: as in `one_group`, with 32 activation rows proved
+                // inside a.data (A1 starts 16 rows after A0), and B tiles
+                // 2·half and 2·half + 1 of the step.
+                unsafe {
+                    asm!(
+                        "tileloadd tmm4, [{a0} + {sa}*1]",
+                        "tileloadd tmm6, [{w} + {sw}*1]",
+                        "tdpbusd tmm0, tmm4, tmm6",
+                        "tileloadd tmm5, [{a1} + {sa}*1]",
+                        "tdpbusd tmm2, tmm5, tmm6",
+                        "tileloadd tmm7, [{w} + {sw}*1 + 64]",
+                        "tdpbusd tmm1, tmm4, tmm7",
+                        "tdpbusd tmm3, tmm5, tmm7",
+                        a0 = in(reg) a.data.as_ptr().add(s * 64),
+                        a1 = in(reg) a.data.as_ptr().add(16 * a.stride + s * 64),
+                        sa = in(reg) a.stride,
+                        w = in(reg) wp.add(s * 16 * BLOCK_GROUP + half * 128),
+                        sw = in(reg) BLOCK_GROUP,
+                        options(nostack, readonly)
+                    )
+                };
+            }
+            // SAFETY: acc[0] and acc[1] are 16 rows of 256 bytes each; this
+            // half's two C tiles per group go to bytes 128·half.. of each row.
+            unsafe {
+                let (g0, g1) = acc.split_at_mut(1);
+                asm!(
+                    "tilestored [{o0} + {so}*1], tmm0",
+                    "tilestored [{o0} + {so}*1 + 64], tmm1",
+                    "tilestored [{o1} + {so}*1], tmm2",
+                    "tilestored [{o1} + {so}*1 + 64], tmm3",
+                    o0 = in(reg) (g0[0].as_mut_ptr() as *mut u8).add(half * 128),
+                    o1 = in(reg) (g1[0].as_mut_ptr() as *mut u8).add(half * 128),
+                    so = in(reg) BLOCK_ROWS * 4,
+                    options(nostack)
+                )
+            };
+        }
+    }
+
     const CONFIG: TileConfig = {
         let mut c = [0u8; 64];
         c[0] = 1;
@@ -720,62 +842,19 @@ mod amx {
     /// The CPU runs AMX int8 and the process has the tile grant; `a` and `w`
     /// satisfy [`crate::generic::check_block16`].
     pub(super) unsafe fn block16(a: Acts16, w: Blocks, out: &mut [Acc16]) {
-        let steps = a.n.div_ceil(64);
         // SAFETY: CONFIG is a valid palette-1 configuration, 64-byte aligned.
         unsafe { asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly)) };
-        for (b, acc) in out.iter_mut().enumerate() {
-            // SAFETY: zeroing tiles touches no memory.
-            unsafe {
-                asm!(
-                    "tilezero tmm0",
-                    "tilezero tmm1",
-                    "tilezero tmm2",
-                    "tilezero tmm3",
-                    options(nostack, nomem)
-                )
-            };
-            for s in 0..steps {
-                // SAFETY: check_block16 proved 16 rows of `steps · 64` bytes at
-                // a.stride inside a.data, and the block's groups up to
-                // 16 · steps inside w.data, so the A tile (16 × 64 bytes from
-                // column 64s) and the four B tiles (16 groups from 16s, 64
-                // bytes each at a stride of 256) are in bounds.
-                unsafe {
-                    let ap = a.data.as_ptr().add(s * 64);
-                    // b < out.len() = w.count (checked).
-                    let wp = w.data.as_ptr().add(b * w.stride + s * 16 * BLOCK_GROUP);
-                    asm!(
-                        "tileloadd tmm4, [{a} + {sa}*1]",
-                        "tileloadd tmm5, [{w} + {sw}*1]",
-                        "tileloadd tmm6, [{w} + {sw}*1 + 64]",
-                        "tileloadd tmm7, [{w} + {sw}*1 + 128]",
-                        "tdpbusd tmm0, tmm4, tmm5",
-                        "tileloadd tmm5, [{w} + {sw}*1 + 192]",
-                        "tdpbusd tmm1, tmm4, tmm6",
-                        "tdpbusd tmm2, tmm4, tmm7",
-                        "tdpbusd tmm3, tmm4, tmm5",
-                        a = in(reg) ap,
-                        sa = in(reg) a.stride,
-                        w = in(reg) wp,
-                        sw = in(reg) BLOCK_GROUP,
-                        options(nostack, readonly)
-                    )
-                };
+        for (b, acc) in out.chunks_exact_mut(a.tiles).enumerate() {
+            // b < w.count and acc has one entry per group (checked: out.len()
+            // = count · tiles).
+            let wp = w.data.as_ptr().wrapping_add(b * w.stride);
+            if a.tiles == 1 {
+                // SAFETY: as this function's, for block b and 16 activations.
+                unsafe { one_group(a, wp, &mut acc[0]) };
+            } else {
+                // SAFETY: as this function's, for block b and 32 activations.
+                unsafe { two_groups(a, wp, acc) };
             }
-            // SAFETY: `acc` is 16 rows of 256 bytes; C tile i goes to bytes
-            // 64i.. of each row (rows 16i..16i+16 of the block).
-            unsafe {
-                let op = acc.as_mut_ptr() as *mut u8;
-                asm!(
-                    "tilestored [{o} + {so}*1], tmm0",
-                    "tilestored [{o} + {so}*1 + 64], tmm1",
-                    "tilestored [{o} + {so}*1 + 128], tmm2",
-                    "tilestored [{o} + {so}*1 + 192], tmm3",
-                    o = in(reg) op,
-                    so = in(reg) BLOCK_ROWS * 4,
-                    options(nostack)
-                )
-            };
         }
         // SAFETY: returns the tile state to its initial state (cheaper
         // context switches); touches no memory.
