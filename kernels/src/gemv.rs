@@ -10,7 +10,9 @@
 //! The integer part goes through a dispatched micro-kernel, exact on every
 //! ISA: [`Kernels::tile_u8i8`] (4 rows × up to 4 activation vectors, on rows
 //! padded to 64 bytes) or [`Kernels::block_u8i8`] (64 rows × up to 4
-//! activations, on column-interleaved blocks). Each weight row is read from
+//! activations, on column-interleaved blocks), or, for prefill-sized
+//! batches where the table has it, [`Kernels::block16_u8i8`] (AMX tiles, 16
+//! or 32 activations per weight tile). Each weight row is read from
 //! memory once per call whatever the batch; the correction is the same scalar
 //! code everywhere, so every ISA and both layouts give bit-identical results.
 //! The crate has no thread pool: output rows are split over the caller's
@@ -247,6 +249,7 @@ fn check_operands(w: &PackedI8, xs: &[QVec], bias: Option<&[f32]>) {
 fn use_block16(xs: usize, cols: usize) -> bool {
     xs > TILE_ACTS && (cols >= 512 || xs >= TILE16_ACTS)
 }
+
 /// Blocks per matrix-kernel call: 32 KiB of sums per group, in L1.
 const BLOCK16_CHUNK: usize = 8;
 
