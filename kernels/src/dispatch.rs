@@ -174,7 +174,8 @@ pub struct Blocks<'a> {
     pub count: usize,
 }
 
-/// Activations one matrix-kernel call takes: one AMX tile of rows.
+/// Activations in one group of the matrix kernel: one AMX tile of rows (a
+/// call takes one group or [`MAX_TILES16`]).
 pub const TILE16_ACTS: usize = 16;
 
 /// A block's sums for 16 activations, `[activation][row]`.
@@ -200,8 +201,8 @@ pub struct Kernels {
     pub tile_u8i8: TileFn,
     /// The GEMV/GEMM micro-kernel on [`Layout::Blocks`], see [`BlockFn`].
     pub block_u8i8: BlockFn,
-    /// A kernel for 16 activations at once on [`Layout::Blocks`], where the
-    /// CPU has one that beats four passes of `block_u8i8` (AMX); see
+    /// A kernel for 16 or 32 activations at once on [`Layout::Blocks`], where
+    /// the CPU has one that beats passes of `block_u8i8` (AMX); see
     /// [`Block16Fn`] and [`generic::block16_u8i8`] for its reference.
     pub block16_u8i8: Option<Block16Fn>,
     /// Attention scores over a block of keys, see [`generic::qk_f32`].

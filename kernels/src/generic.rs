@@ -110,7 +110,7 @@ pub fn block_u8i8(xs: &[&[u8]], w: Block64) -> [[i32; BLOCK_ROWS]; TILE_ACTS] {
 }
 
 /// Panics unless `a` and `w` are operands of a [`Block16Fn`](crate::Block16Fn)
-/// that reads 64 columns at a time: `1 ≤ n ≤ MAX_DOT_LEN`; 16 rows of
+/// that reads 64 columns at a time: 1 or 2 groups; `1 ≤ n ≤ MAX_DOT_LEN`; 16 rows per group of
 /// `n.next_multiple_of(64)` bytes inside `a.data`, zero past column `n`; block
 /// strides of whole groups holding `n` columns; and the last block's
 /// `n.next_multiple_of(64) / 4` groups inside `w.data`; one output per block
