@@ -40,20 +40,21 @@ summary() {
 }
 fail=0
 # kjv-gpt2 on the native int8 engine (forced: a load that fell back to tract
-# would fail instead of passing unnoticed), kjv-lstm on each engine.
-for model in kjv-gpt2:native kjv-lstm:native kjv-lstm:tract; do
-    backend=${model#*:}
-    model=${model%%:*}
-    for prompt in "And God said" "In the beginning God created" "起初，神创造天地。"; do
-        args=(generate --model "models/$model" --backend "$backend" --max-tokens 32 --temperature 0 --json "$prompt")
+# would fail instead of passing unnoticed), also with a 16-bit KV cache (one
+# prompt: the f16 widening kernel), kjv-lstm on each engine.
+for case in kjv-gpt2:native:f32:3 kjv-gpt2:native:f16:1 kjv-lstm:native:f32:3 kjv-lstm:tract:f32:3; do
+    IFS=: read -r model backend kv prompts <<< "$case"
+    all=("And God said" "In the beginning God created" "起初，神创造天地。")
+    for prompt in "${all[@]:0:$prompts}"; do
+        args=(generate --model "models/$model" --backend "$backend" --kv-cache "$kv" --max-tokens 32 --temperature 0 --json "$prompt")
         want=$(target/debug/emberd "${args[@]}" | summary)
         for run in "${runs[@]}"; do
             cpu=${run%%:*}
             got=$(EMBER_LOG=error "$qemu" -cpu "$cpu" -L "$sysroot" "$bin" "${args[@]}" | summary)
             if [ "$got" = "$want" ]; then
-                echo "ok   $model ($backend) on $cpu: $prompt"
+                echo "ok   $model ($backend, $kv KV) on $cpu: $prompt"
             else
-                echo "FAIL $model ($backend) on $cpu: $prompt"
+                echo "FAIL $model ($backend, $kv KV) on $cpu: $prompt"
                 echo "  x86_64: $want"
                 echo "  $cpu: $got"
                 fail=1

@@ -11,7 +11,7 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 
-use crate::engine::{BackendChoice, BatchItem, LoadOptions, Logits, Model};
+use crate::engine::{BackendChoice, BatchItem, KvType, LoadOptions, Logits, Model};
 use crate::generate::{self, GenerateParams, Truncate};
 use crate::sample::SamplingParams;
 
@@ -134,6 +134,10 @@ pub struct ModelArgs {
     /// Let the native engine quantize fp32 weights per row (int8).
     #[arg(long)]
     pub quantize_fp32: bool,
+    /// How the native engine's KV cache stores keys and values: f16 halves
+    /// its memory and what attention reads, for a small change in logits.
+    #[arg(long, value_enum, default_value_t = KvType::F32)]
+    pub kv_cache: KvType,
 }
 
 impl ModelArgs {
@@ -152,6 +156,7 @@ impl ModelArgs {
                 threads: self.threads,
                 backend: self.backend,
                 quantize_fp32: self.quantize_fp32,
+                kv_cache: self.kv_cache,
                 max_seqs: seqs,
                 ..Default::default()
             },
@@ -461,6 +466,8 @@ pub struct BenchReport {
     /// fp32 weights quantized to int8 at load (`--quantize-fp32`).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub quantize_fp32: bool,
+    /// KV cache storage (`--kv-cache`).
+    pub kv_cache: KvType,
     /// Prompt length.
     pub prompt_tokens: usize,
     /// Generated tokens per run.
@@ -570,6 +577,7 @@ fn cmd_bench(a: BenchArgs) -> anyhow::Result<()> {
         model: a.model.model.display().to_string(),
         threads: a.model.threads,
         quantize_fp32: a.model.quantize_fp32,
+        kv_cache: a.model.kv_cache,
         prompt_tokens: a.prompt_tokens,
         gen_tokens: a.gen_tokens,
         runs: a.runs,

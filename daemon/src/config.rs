@@ -22,6 +22,7 @@
 //! max_batch = 8              # sequences decoded together (bounds KV memory)
 //! backend = "auto"           # "native" (int8 engine) when it recognises the graph, else "tract"
 //! quantize_fp32 = false      # let the native engine quantize fp32 weights per row
+//! kv_cache = "f32"           # native KV cache: "f16" halves its memory and attention's reads
 //! max_queue = 32             # requests waiting; more get "busy" (HTTP 429)
 //! max_tokens = 128           # default when a request says nothing
 //! max_tokens_limit = 1024    # most a request may ask for
@@ -37,7 +38,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::engine::BackendChoice;
+use crate::engine::{BackendChoice, KvType};
 use crate::sample::SamplingParams;
 
 /// Where the system configuration lives.
@@ -127,6 +128,7 @@ struct ModelFile {
     threads: Option<usize>,
     backend: Option<BackendChoice>,
     quantize_fp32: Option<bool>,
+    kv_cache: Option<KvType>,
     max_batch: Option<usize>,
     max_queue: Option<usize>,
     max_context: Option<usize>,
@@ -167,6 +169,8 @@ pub struct ModelSettings {
     pub backend: BackendChoice,
     /// Whether the native engine may quantize fp32 weights.
     pub quantize_fp32: bool,
+    /// How the native engine's KV cache stores keys and values.
+    pub kv_cache: KvType,
     /// Sequences decoded together (the KV-memory bound).
     pub max_batch: usize,
     /// Requests waiting beyond the running batch.
@@ -636,6 +640,7 @@ fn validate(file: FileConfig, o: &Overrides) -> Result<Settings, ConfigError> {
             threads: positive(key("threads"), m.threads, default_threads(), 256)?,
             backend: m.backend.unwrap_or_default(),
             quantize_fp32: m.quantize_fp32.unwrap_or(false),
+            kv_cache: m.kv_cache.unwrap_or_default(),
             max_batch: positive(key("max_batch"), m.max_batch, 8, 256)?,
             max_queue: positive(key("max_queue"), m.max_queue, 32, 1 << 16)?,
             max_context: m.max_context,
@@ -692,6 +697,7 @@ mod tests {
             max_batch = 4
             max_queue = 2
             request_timeout_secs = 1.5
+            kv_cache = "f16"
             [models.a.sampling]
             temperature = 0.0
             "#,
@@ -703,6 +709,7 @@ mod tests {
         let m = &s.models[0];
         assert_eq!((m.name.as_str(), m.max_batch, m.max_queue), ("a", 4, 2));
         assert_eq!(m.request_timeout, Duration::from_millis(1500));
+        assert_eq!(m.kv_cache, crate::engine::KvType::F16);
         assert_eq!(m.sampling.temperature, 0.0);
     }
 
@@ -719,6 +726,8 @@ mod tests {
         assert!(e.to_string().contains("sokcet"), "{e}");
         let e = with_config("[models.a]\nthreads = 2\n").unwrap_err();
         assert!(e.to_string().starts_with("models.a.path:"), "{e}");
+        let e = with_config("[models.a]\npath = \"/m\"\nkv_cache = \"f8\"\n").unwrap_err();
+        assert!(e.to_string().contains("models.a.kv_cache"), "{e}");
         let e = with_config("[models.a\n").unwrap_err();
         assert!(matches!(e, ConfigError::Parse { .. }), "{e}");
     }

@@ -134,6 +134,7 @@ pub fn load_model(s: &ModelSettings, metrics: &Metrics) -> Result<Served, LoadEr
     let opts = LoadOptions {
         backend: s.backend,
         quantize_fp32: s.quantize_fp32,
+        kv_cache: s.kv_cache,
         max_seqs: s.max_batch,
         threads: 1,
         batch_threads: s.threads,

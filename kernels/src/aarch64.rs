@@ -26,6 +26,7 @@ pub(crate) fn plug(k: &mut Kernels, limit: Isa) {
         k.dot_i8i8 = dot_i8i8_neon;
         k.tile_u8i8 = tile_u8i8_neon;
         k.panel_f32 = panel_f32_neon;
+        k.f16_to_f32 = f16_to_f32_neon;
     }
     if limit.allows(Isa::NeonDot) && has_dotprod() {
         k.isa = Isa::NeonDot;
@@ -42,9 +43,46 @@ kernel! { panel_f32:
     pub fn panel_f32_neon = float::panel, isa = "NEON", when = has_neon();
 }
 
+kernel! { f16_to_f32:
+    /// f16 widening on NEON: eight values per `fcvtl`/`fcvtl2` pair (base
+    /// ARMv8; the half-precision arithmetic extension is not needed).
+    pub fn f16_to_f32_neon = float::f16_to_f32, isa = "NEON", when = has_neon();
+}
+
 /// The float kernels: the generic lane-wise bodies with NEON's register budget.
 mod float {
-    use crate::generic::panel_rows;
+    use crate::generic::{f16_to_f32_body, panel_rows};
+
+    /// # Safety
+    /// The CPU must support NEON; `src` and `dst` are equally long.
+    #[target_feature(enable = "neon")]
+    pub(super) unsafe fn f16_to_f32(src: &[u16], dst: &mut [f32]) {
+        let n = src.len() / 8 * 8;
+        if n > 0 {
+            // SAFETY: the loop runs n / 8 times, reading 16 bytes of `src` and
+            // writing 32 of `dst` each: n ≤ src.len() = dst.len() values, all
+            // in bounds. It touches only the named registers and v0–v2.
+            unsafe {
+                std::arch::asm!(
+                    "2:",
+                    "ld1 {{v0.8h}}, [{s}], #16",
+                    "fcvtl v1.4s, v0.4h",
+                    "fcvtl2 v2.4s, v0.8h",
+                    "st1 {{v1.4s, v2.4s}}, [{d}], #32",
+                    "subs {n}, {n}, #8",
+                    "b.ne 2b",
+                    s = inout(reg) src.as_ptr() => _,
+                    d = inout(reg) dst.as_mut_ptr() => _,
+                    n = inout(reg) n => _,
+                    out("v0") _,
+                    out("v1") _,
+                    out("v2") _,
+                    options(nostack),
+                );
+            }
+        }
+        f16_to_f32_body(&src[n..], &mut dst[n..])
+    }
 
     /// # Safety
     /// The CPU must support NEON.

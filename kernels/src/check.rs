@@ -290,6 +290,39 @@ pub(crate) fn qk_f32(f: fn(&[f32], &[f32], f32, &mut [f32])) {
     );
 }
 
+/// f16 widening: every bit pattern in one sweep, then random lengths around
+/// the vector widths; bits equal the reference's (NaNs: both NaN).
+pub(crate) fn f16_to_f32(f: fn(&[u16], &mut [f32])) {
+    let same = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .all(|(x, y)| x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()))
+    };
+    let all: Vec<u16> = (0..=u16::MAX).collect();
+    let (mut a, mut b) = (vec![0f32; all.len()], vec![0f32; all.len()]);
+    f(&all, &mut a);
+    generic::f16_to_f32(&all, &mut b);
+    assert!(same(&a, &b), "the sweep of all 65536 values differs");
+    run(
+        proptest::collection::vec(
+            prop_oneof![
+                Just(0x7c00u16),
+                Just(0x0001u16),
+                Just(0x7e01u16),
+                any::<u16>()
+            ],
+            0..80,
+        ),
+        |src| {
+            let (mut a, mut b) = (vec![0f32; src.len()], vec![0f32; src.len()]);
+            f(&src, &mut a);
+            generic::f16_to_f32(&src, &mut b);
+            prop_assert!(same(&a, &b), "{:?} != {:?}", a, b);
+            Ok(())
+        },
+    );
+}
+
 pub(crate) fn pv_f32(f: fn(&[f32], f32, &[f32], &mut [f32])) {
     run(
         (0usize..80, 0usize..20).prop_flat_map(|(d, n)| (f32s(n), f32s(d * n), f32s(d))),

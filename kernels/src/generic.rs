@@ -254,6 +254,15 @@ pub fn check_pv(p: &[f32], vals: &[f32], out: &[f32]) {
     );
 }
 
+/// Panics unless `src` and `dst` have one length (for [`f16_to_f32`]).
+pub fn check_f16(src: &[u16], dst: &[f32]) {
+    assert_eq!(
+        src.len(),
+        dst.len(),
+        "f16 source and f32 destination differ in length"
+    );
+}
+
 /// Columns of a float panel ([`panel_f32`]): four groups of 16 lanes.
 pub const PANEL: usize = 64;
 
@@ -370,6 +379,47 @@ pub fn pv_f32(p: &[f32], scale: f32, vals: &[f32], out: &mut [f32]) {
     pv_body(p, scale, vals, out)
 }
 
+/// Widen IEEE 754 half-precision values, given as their bit patterns, to
+/// f32. Exact: every f16 is an f32 (a NaN comes out quiet with its payload,
+/// as the hardware conversions give it). A 16-bit KV cache reads its blocks
+/// through this, so attention then runs the f32 kernels on the same values
+/// on every ISA.
+pub fn f16_to_f32(src: &[u16], dst: &mut [f32]) {
+    check_f16(src, dst);
+    f16_to_f32_body(src, dst)
+}
+
+/// The body of [`f16_to_f32`], also the ISA copies' tail.
+#[inline(always)]
+pub(crate) fn f16_to_f32_body(src: &[u16], dst: &mut [f32]) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = half::f16::from_bits(s).to_f32();
+    }
+}
+
+/// Narrow f32 values to f16 bit patterns, rounding to nearest, ties to even,
+/// and saturating: beyond f16's range to ±65504, its largest finite value
+/// (an infinite key would turn attention's softmax into NaN). Not
+/// dispatched: a cache is written by this one function on every ISA, so
+/// every machine stores the same bits.
+pub fn f32_to_f16(src: &[f32], dst: &mut [u16]) {
+    assert_eq!(
+        src.len(),
+        dst.len(),
+        "f32 source and f16 destination differ in length"
+    );
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = to_f16(s);
+    }
+}
+
+/// One value of [`f32_to_f16`].
+#[inline]
+pub fn to_f16(x: f32) -> u16 {
+    const MAX: f32 = 65504.0;
+    half::f16::from_f32(x.clamp(-MAX, MAX)).to_bits()
+}
+
 /// The body of [`pv_f32`]: the output is held in registers, up to four
 /// [`LANES`]-wide chunks (64 values, a whole attention head) at a time, while
 /// the value rows stream by once; each output lane sums its rows in order.
@@ -425,6 +475,48 @@ fn pv_cols<const W: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn f16_widens_exactly_and_narrows_back() {
+        let all: Vec<u16> = (0..=u16::MAX).collect();
+        let mut wide = vec![0f32; all.len()];
+        f16_to_f32(&all, &mut wide);
+        let mut back = vec![0u16; all.len()];
+        f32_to_f16(&wide, &mut back);
+        for ((&h, &w), &b) in all.iter().zip(&wide).zip(&back) {
+            if w.is_nan() {
+                assert!(half::f16::from_bits(b).is_nan(), "{h:#06x}");
+            } else if w.is_infinite() {
+                assert_eq!(b, h - 1, "±infinity saturates to the largest finite");
+            } else {
+                assert_eq!(b, h, "{h:#06x} -> {w} -> {b:#06x}");
+            }
+        }
+        assert_eq!(wide[0x3c00], 1.0);
+        assert_eq!(wide[0x0001], 2f32.powi(-24), "smallest subnormal");
+        assert_eq!(wide[0xfc00], f32::NEG_INFINITY);
+    }
+
+    #[test]
+    fn f16_narrowing_rounds_to_nearest_even() {
+        let ulp = 2f32.powi(-10); // of f16 at 1.0
+        let cases = [
+            (1.0 + ulp / 2.0, 0x3c00),       // tie, to the even 1.0
+            (1.0 + 3.0 * ulp / 2.0, 0x3c02), // tie, to the even 1 + 2 ulp
+            (1.0 + ulp * 0.51, 0x3c01),      // above the tie
+            (65519.0, 0x7bff),               // rounds down to the largest
+            (65520.0, 0x7bff),               // would round to infinity: saturates
+            (f32::NEG_INFINITY, 0xfbff),
+            (-0.0, 0x8000),
+            (2f32.powi(-25), 0x0000), // tie with zero, to even
+            (3.0 * 2f32.powi(-25), 0x0002),
+        ];
+        for (x, want) in cases {
+            let mut h = [0u16];
+            f32_to_f16(&[x], &mut h);
+            assert_eq!(h[0], want, "{x:e}");
+        }
+    }
 
     #[test]
     fn argmax_prefers_lowest_index_and_skips_nan() {

@@ -8,6 +8,10 @@ fn has_avx2() -> bool {
     is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
 }
 
+fn has_f16c() -> bool {
+    has_avx2() && is_x86_feature_detected!("f16c")
+}
+
 fn has_avx512vnni() -> bool {
     is_x86_feature_detected!("avx512f")
         && is_x86_feature_detected!("avx512bw")
@@ -55,6 +59,9 @@ pub(crate) fn plug(k: &mut Kernels, limit: Isa) {
         k.dot_u8i8 = dot_u8i8_avx2;
         k.dot_i8i8 = dot_i8i8_avx2;
         k.tile_u8i8 = tile_u8i8_avx2;
+        if has_f16c() {
+            k.f16_to_f32 = f16_to_f32_f16c;
+        }
     }
     if limit.allows(Isa::Avx512Vnni) && has_avx512vnni() {
         k.isa = Isa::Avx512Vnni;
@@ -65,6 +72,7 @@ pub(crate) fn plug(k: &mut Kernels, limit: Isa) {
         k.layout = Layout::Blocks;
         k.qk_f32 = qk_f32_avx512;
         k.pv_f32 = pv_f32_avx512;
+        k.f16_to_f32 = f16_to_f32_avx512;
         k.panel_f32 = panel_f32_avx512;
         k.dynamic_params = dynamic_params_avx512;
         k.quantize_u8 = quantize_u8_avx512;
@@ -150,6 +158,16 @@ kernel! { softmax_f32:
     pub fn softmax_f32_avx512 = float::softmax_avx512, isa = "AVX-512 F, BW and VNNI", when = has_avx512vnni();
 }
 
+kernel! { f16_to_f32:
+    /// f16 widening with F16C: eight values per `vcvtph2ps`.
+    pub fn f16_to_f32_f16c = float::f16_to_f32_f16c, isa = "AVX2, FMA and F16C", when = has_f16c();
+}
+
+kernel! { f16_to_f32:
+    /// f16 widening with AVX-512 F: sixteen values per `vcvtph2ps`.
+    pub fn f16_to_f32_avx512 = float::f16_to_f32_avx512, isa = "AVX-512 F, BW and VNNI", when = has_avx512vnni();
+}
+
 kernel! { lstm_cell_f32:
     /// The LSTM cell with 256-bit vectors, eight units at a time.
     pub fn lstm_cell_f32_avx2 = float::lstm_cell_avx2, isa = "AVX2 and FMA", when = has_avx2();
@@ -164,7 +182,7 @@ kernel! { lstm_cell_f32:
 /// vectors. No FMA contraction happens (Rust does not fuse `a * b + c`), so
 /// results equal the reference bit for bit.
 mod float {
-    use crate::generic::{panel_rows, pv_body, qk_body};
+    use crate::generic::{f16_to_f32_body, panel_rows, pv_body, qk_body};
     use crate::nn::{act_body, lstm_cell_body, softmax_body, Act};
 
     /// # Safety
@@ -250,6 +268,40 @@ mod float {
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     pub(super) unsafe fn panel_avx512(xs: &[&[f32]], panel: &[f32], out: &mut [f32]) {
         panel_rows(xs, panel, out, 4)
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C; `src` and `dst` are equally long.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn f16_to_f32_f16c(src: &[u16], dst: &mut [f32]) {
+        use std::arch::x86_64::{_mm256_cvtph_ps, _mm256_storeu_ps, _mm_loadu_si128};
+        let n = src.len() / 8 * 8;
+        for i in (0..n).step_by(8) {
+            // SAFETY: i + 8 ≤ n ≤ src.len() = dst.len(): 16 bytes read from
+            // `src` and 32 written to `dst`, all in bounds (unaligned access).
+            unsafe {
+                let h = _mm_loadu_si128(src.as_ptr().add(i).cast());
+                _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+            }
+        }
+        f16_to_f32_body(&src[n..], &mut dst[n..])
+    }
+
+    /// # Safety
+    /// The CPU must support AVX-512 F; `src` and `dst` are equally long.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn f16_to_f32_avx512(src: &[u16], dst: &mut [f32]) {
+        use std::arch::x86_64::{_mm256_loadu_si256, _mm512_cvtph_ps, _mm512_storeu_ps};
+        let n = src.len() / 16 * 16;
+        for i in (0..n).step_by(16) {
+            // SAFETY: i + 16 ≤ n ≤ src.len() = dst.len(): 32 bytes read from
+            // `src` and 64 written to `dst`, all in bounds (unaligned access).
+            unsafe {
+                let h = _mm256_loadu_si256(src.as_ptr().add(i).cast());
+                _mm512_storeu_ps(dst.as_mut_ptr().add(i), _mm512_cvtph_ps(h));
+            }
+        }
+        f16_to_f32_body(&src[n..], &mut dst[n..])
     }
 
     /// # Safety

@@ -3,13 +3,18 @@
 //! limits. Model outputs against onnxruntime are in golden.rs.
 
 use ember_tests::{golden, model, root};
-use emberd::engine::{BackendChoice, BatchItem, LoadOptions, Logits, Model};
+use emberd::engine::{BackendChoice, BatchItem, KvType, LoadOptions, Logits, Model};
 use emberd::sample::argmax;
 
 fn load(name: &str, backend: BackendChoice, max_seqs: usize) -> Model {
+    load_kv(name, backend, max_seqs, KvType::F32)
+}
+
+fn load_kv(name: &str, backend: BackendChoice, max_seqs: usize, kv_cache: KvType) -> Model {
     let opts = LoadOptions {
         backend,
         max_seqs,
+        kv_cache,
         ..Default::default()
     };
     Model::load(&model(name), &opts).unwrap_or_else(|e| panic!("{name}: {e}"))
@@ -100,30 +105,96 @@ fn native_greedy_equals_tract() {
     for name in ["kjv-gpt2", "tiny-llama-gqa-int8", "kjv-lstm"] {
         let n = load(name, BackendChoice::Native, 1);
         let t = load(name, BackendChoice::Tract, 1);
-        let mut prompts: Vec<Vec<u32>> = golden(&model(name))
-            .cases
-            .into_iter()
-            .map(|c| c.prompt_ids)
-            .collect();
-        for p in [
-            "In the beginning God created",
-            "耶和华说",
-            "And it came to pass, when the",
-        ] {
-            prompts.push(n.tokenizer.encode(p).unwrap());
-        }
         let mut worst = 0f32;
-        for p in &prompts {
+        for p in &prompts(&n, name) {
             let (a, la) = greedy(&n, p, 32);
             let (b, lb) = greedy(&t, p, 32);
             assert_eq!(a, b, "{name}: greedy tokens differ for prompt {p:?}");
-            for (x, y) in la.iter().flatten().zip(lb.iter().flatten()) {
-                worst = worst.max((x - y).abs());
-            }
+            worst = worst.max(max_diff(&la, &lb));
         }
         eprintln!("{name}: worst logit difference native vs tract {worst:.2e}");
         assert!(worst < 0.1, "{name}: logits differ by {worst}");
     }
+}
+
+/// With a 16-bit KV cache, on the same prompts, the native engine is fed
+/// tract's 32 greedy tokens: its logits stay within 0.15 of tract's, and it
+/// picks tract's token wherever tract's best two are further apart than
+/// twice that (a near tie may go either way, as it may between any two
+/// runtimes). On the trained demo model only: the random-weight test Llama
+/// amplifies any rounding of its keys (its logits move by up to ~1 on a
+/// scale of ±40 when its f32 cache merely holds f16-rounded values), so it
+/// measures the model, not the cache.
+#[test]
+fn native_f16_kv_cache_follows_tract() {
+    const TOLERANCE: f32 = 0.15;
+    for name in ["kjv-gpt2"] {
+        let n = load_kv(name, BackendChoice::Native, 1, KvType::F16);
+        let t = load(name, BackendChoice::Tract, 1);
+        let (mut worst, mut ties) = (0f32, 0);
+        for p in &prompts(&n, name) {
+            let (ids, lt) = greedy(&t, p, 32);
+            let ln = forced(&n, p, &ids);
+            worst = worst.max(max_diff(&ln, &lt));
+            for (step, (a, b)) in ln.iter().zip(&lt).enumerate() {
+                let mut sorted = b.clone();
+                sorted.sort_by(|x, y| y.total_cmp(x));
+                if sorted[0] - sorted[1] > 2.0 * TOLERANCE {
+                    assert_eq!(
+                        argmax(a),
+                        argmax(b),
+                        "{name}: prompt {p:?} step {step}, worst so far {worst}, margin {}",
+                        sorted[0] - sorted[1]
+                    );
+                } else {
+                    ties += 1;
+                }
+            }
+        }
+        eprintln!("{name} (f16 KV): worst logit difference vs tract {worst:.2e}, {ties} near ties");
+        assert!(worst < TOLERANCE, "{name}: logits differ by {worst}");
+    }
+}
+
+/// The golden prompts and the English/Chinese prompts of the cross tests.
+fn prompts(m: &Model, name: &str) -> Vec<Vec<u32>> {
+    let mut prompts: Vec<Vec<u32>> = golden(&model(name))
+        .cases
+        .into_iter()
+        .map(|c| c.prompt_ids)
+        .collect();
+    for p in [
+        "In the beginning God created",
+        "耶和华说",
+        "And it came to pass, when the",
+    ] {
+        prompts.push(m.tokenizer.encode(p).unwrap());
+    }
+    prompts
+}
+
+/// The logits before each of `tokens`, fed one at a time after `prompt`.
+fn forced(m: &Model, prompt: &[u32], tokens: &[u32]) -> Vec<Vec<f32>> {
+    let mut st = m.backend.new_state().unwrap();
+    let mut logits = vec![];
+    m.backend
+        .forward(&mut st, prompt, Logits::Last, &mut logits)
+        .unwrap();
+    let mut all = vec![];
+    for &t in tokens {
+        all.push(logits.clone());
+        m.backend
+            .forward(&mut st, &[t], Logits::Last, &mut logits)
+            .unwrap();
+    }
+    all
+}
+
+fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    a.iter()
+        .flatten()
+        .zip(b.iter().flatten())
+        .fold(0f32, |w, (x, y)| w.max((x - y).abs()))
 }
 
 /// A sequence gives the same logits, bit for bit, alone and in a batch of 8
@@ -132,6 +203,10 @@ fn native_greedy_equals_tract() {
 fn native_batch_invariance() {
     for name in ["kjv-gpt2", "tiny-llama-gqa-int8", "kjv-lstm"] {
         batch_invariance(load(name, BackendChoice::Native, 8), name);
+    }
+    for name in ["kjv-gpt2", "tiny-llama-gqa-int8"] {
+        let m = load_kv(name, BackendChoice::Native, 8, KvType::F16);
+        batch_invariance(m, &format!("{name} f16 KV"));
     }
     // The LSTM quantized at load: each sequence's hidden state is quantized
     // on its own, so batching changes nothing there either.
@@ -392,9 +467,10 @@ fn native_prefix_reuse() {
     assert_eq!(t.backend.reuse_prefix(&mut ts, &b), 0);
 }
 
-/// Perplexity over the held-out text within 1 % of tract's: kjv-gpt2 and
-/// kjv-lstm on the native engine, and kjv-lstm with its fp32 gate weights
-/// quantized to int8 at load (`quantize_fp32`, opt-in).
+/// Perplexity over the held-out text within 1 % of tract's: kjv-gpt2 (also
+/// with a 16-bit KV cache) and kjv-lstm on the native engine, and kjv-lstm
+/// with its fp32 gate weights quantized to int8 at load (`quantize_fp32`,
+/// opt-in).
 #[test]
 fn native_perplexity_within_one_percent_of_tract() {
     let text = std::fs::read_to_string(root().join("models/heldout.txt")).unwrap();
@@ -404,16 +480,24 @@ fn native_perplexity_within_one_percent_of_tract() {
             .unwrap()
             .perplexity
     };
-    for (name, quantize_fp32) in [("kjv-gpt2", false), ("kjv-lstm", false), ("kjv-lstm", true)] {
+    for (name, quantize_fp32, kv_cache) in [
+        ("kjv-gpt2", false, KvType::F32),
+        ("kjv-gpt2", false, KvType::F16),
+        ("kjv-lstm", false, KvType::F32),
+        ("kjv-lstm", true, KvType::F32),
+    ] {
         let opts = LoadOptions {
             backend: BackendChoice::Native,
             quantize_fp32,
+            kv_cache,
             ..Default::default()
         };
         let n = Model::load(&model(name), &opts).unwrap();
         let t = load(name, BackendChoice::Tract, 1);
         let (a, b) = (ppl(&n), ppl(&t));
-        eprintln!("{name} (quantize_fp32 {quantize_fp32}): perplexity native {a:.3}, tract {b:.3}");
+        eprintln!(
+            "{name} (quantize_fp32 {quantize_fp32}, {kv_cache:?} KV): perplexity native {a:.3}, tract {b:.3}"
+        );
         assert!((a / b - 1.0).abs() < 0.01, "{name}: {a} vs {b}");
     }
 }

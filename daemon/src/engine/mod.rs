@@ -98,6 +98,31 @@ impl<'a> BatchItem<'a> {
     }
 }
 
+/// How the native engine's KV cache stores keys and values.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Deserialize,
+    serde::Serialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum KvType {
+    /// 32-bit floats: the values the graph computes, kept as onnxruntime
+    /// keeps them, so logits match it as closely as the weights allow.
+    #[default]
+    F32,
+    /// IEEE half precision, rounded to nearest even: half the memory, and
+    /// half the bytes attention reads per step (what limits a batch of long
+    /// sequences), for a small change in logits. Widened exactly to f32 for
+    /// the attention kernels, so every ISA computes the same values.
+    F16,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Logits {
     /// `[vocab]`: what decoding needs.
@@ -231,6 +256,8 @@ pub struct LoadOptions {
     pub backend: BackendChoice,
     /// Let the native engine quantize fp32 weight matrices (per row, int8).
     pub quantize_fp32: bool,
+    /// The native engine's KV cache storage (tract keeps the graph's f32).
+    pub kv_cache: KvType,
     /// Sequences the native KV arena holds at once (the batch size).
     pub max_seqs: usize,
     /// Threads for one forward pass.
@@ -245,6 +272,7 @@ impl Default for LoadOptions {
         LoadOptions {
             backend: BackendChoice::Auto,
             quantize_fp32: false,
+            kv_cache: KvType::F32,
             max_seqs: 1,
             threads: 1,
             batch_threads: 1,

@@ -20,6 +20,11 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
+use ember_kernels::generic::{f32_to_f16, to_f16};
+use ember_kernels::{mem, Kernels};
+
+use crate::engine::KvType;
+
 /// Positions per block: what the score kernel takes at once.
 pub const BLOCK: usize = ember_kernels::generic::KEY_BLOCK;
 
@@ -126,39 +131,84 @@ fn chain_hash(prev: u64, tokens: &[u32]) -> u64 {
 /// The cache memory itself; only the engine step (holding the work lock) touches it.
 #[derive(Debug)]
 pub struct KvArena {
-    data: Vec<f32>,
+    data: Store,
     shape: KvShape,
 }
 
+/// One head's keys (`value` false, `[head_dim][BLOCK]`) or values
+/// (`[BLOCK][head_dim]`) in one block of one layer.
+#[derive(Debug, Clone, Copy)]
+pub struct Slab {
+    pub block: u32,
+    pub layer: usize,
+    pub value: bool,
+    pub head: usize,
+}
+
+/// The arena's values, as [`KvType`] says.
+#[derive(Debug)]
+enum Store {
+    F32(Vec<f32>),
+    /// f16 bit patterns.
+    F16(Vec<u16>),
+}
+
 impl KvArena {
-    /// An arena of `blocks` blocks and the pool handing them out.
-    pub fn new(shape: KvShape, blocks: usize) -> (KvArena, Arc<BlockPool>) {
-        (
-            KvArena {
-                data: vec![0f32; blocks * shape.block_floats()],
-                shape,
-            },
-            BlockPool::new(blocks),
-        )
+    /// An arena of `blocks` blocks storing `kind`, and the pool handing them out.
+    pub fn new(shape: KvShape, blocks: usize, kind: KvType) -> (KvArena, Arc<BlockPool>) {
+        let n = blocks * shape.block_floats();
+        let data = match kind {
+            KvType::F32 => Store::F32(vec![0.0; n]),
+            KvType::F16 => Store::F16(vec![0; n]),
+        };
+        (KvArena { data, shape }, BlockPool::new(blocks))
     }
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        self.data.len() * 4
+        match &self.data {
+            Store::F32(v) => v.len() * 4,
+            Store::F16(v) => v.len() * 2,
+        }
+    }
+
+    /// Values in one head's keys or values of a block: the scratch
+    /// [`KvArena::read`] may need.
+    pub fn slab_len(&self) -> usize {
+        BLOCK * self.shape.head_dim
     }
 
     fn slab_at(&self, block: u32, layer: usize, value: bool, head: usize) -> usize {
         let s = &self.shape;
-        let slab = BLOCK * s.head_dim;
         block as usize * s.block_floats()
-            + ((layer * 2 + value as usize) * s.kv_heads + head) * slab
+            + ((layer * 2 + value as usize) * s.kv_heads + head) * self.slab_len()
     }
 
-    /// One head's keys (`value` false, `[head_dim][BLOCK]`) or values
-    /// (`[BLOCK][head_dim]`) of a block.
-    pub fn slab(&self, block: u32, layer: usize, value: bool, head: usize) -> &[f32] {
-        let at = self.slab_at(block, layer, value, head);
-        &self.data[at..at + BLOCK * self.shape.head_dim]
+    fn at(&self, s: Slab) -> usize {
+        self.slab_at(s.block, s.layer, s.value, s.head)
+    }
+
+    /// The first `len` values of a slab, as f32: the cache itself, or
+    /// widened into `buf` (at least `len` long) from f16.
+    pub fn read<'a>(&'a self, k: &Kernels, s: Slab, len: usize, buf: &'a mut [f32]) -> &'a [f32] {
+        let at = self.at(s);
+        match &self.data {
+            Store::F32(v) => &v[at..at + len],
+            Store::F16(v) => {
+                (k.f16_to_f32)(&v[at..at + len], &mut buf[..len]);
+                &buf[..len]
+            }
+        }
+    }
+
+    /// Hint that [`KvArena::read`] of these values comes soon: the blocks
+    /// are scattered, so the hardware prefetcher cannot guess them.
+    pub fn prefetch(&self, s: Slab, len: usize) {
+        let at = self.at(s);
+        match &self.data {
+            Store::F32(v) => mem::prefetch(&v[at..at + len]),
+            Store::F16(v) => mem::prefetch(&v[at..at + len]),
+        }
     }
 
     /// Store one position's key or value for a head.
@@ -173,12 +223,19 @@ impl KvArena {
     ) {
         let hd = self.shape.head_dim;
         let at = self.slab_at(seq.table[pos / BLOCK], layer, value, head);
-        let slab = &mut self.data[at..at + BLOCK * hd];
-        if value {
-            slab[(pos % BLOCK) * hd..][..hd].copy_from_slice(x);
-        } else {
-            for (col, &v) in slab.chunks_exact_mut(BLOCK).zip(x) {
-                col[pos % BLOCK] = v;
+        let (p, slab) = (pos % BLOCK, at..at + BLOCK * hd);
+        match &mut self.data {
+            Store::F32(v) if value => v[slab][p * hd..][..hd].copy_from_slice(x),
+            Store::F16(v) if value => f32_to_f16(x, &mut v[slab][p * hd..][..hd]),
+            Store::F32(v) => {
+                for (col, &x) in v[slab].chunks_exact_mut(BLOCK).zip(x) {
+                    col[p] = x;
+                }
+            }
+            Store::F16(v) => {
+                for (col, &x) in v[slab].chunks_exact_mut(BLOCK).zip(x) {
+                    col[p] = to_f16(x);
+                }
             }
         }
     }
@@ -291,42 +348,75 @@ impl Drop for SeqBlocks {
 mod tests {
     use super::*;
 
+    /// One head's whole slab of a block, as f32.
+    fn slab(arena: &KvArena, block: u32, layer: usize, value: bool) -> Vec<f32> {
+        let mut buf = vec![0.0; arena.slab_len()];
+        let k = Kernels::generic();
+        let s = Slab {
+            block,
+            layer,
+            value,
+            head: 0,
+        };
+        arena.read(&k, s, arena.slab_len(), &mut buf).to_vec()
+    }
+
     #[test]
     fn blocks_are_reserved_and_returned() {
+        for kind in [KvType::F32, KvType::F16] {
+            let shape = KvShape {
+                layers: 2,
+                kv_heads: 1,
+                head_dim: 4,
+            };
+            let (mut arena, pool) = KvArena::new(shape, 3, kind);
+            let mut a = SeqBlocks::new(&pool, 64);
+            a.reserve(BLOCK + 1).unwrap();
+            assert_eq!(pool.free_blocks(), 1);
+            let mut b = SeqBlocks::new(&pool, 64);
+            assert!(b.reserve(2 * BLOCK).is_err(), "only one block left");
+            b.reserve(BLOCK).unwrap();
+            arena.put(&a, BLOCK, 1, true, 0, &[1.0, 2.0, 3.0, 4.0]);
+            arena.put(&b, 0, 1, true, 0, &[5.0; 4]);
+            assert_eq!(slab(&arena, a.table[1], 1, true)[..4], [1.0, 2.0, 3.0, 4.0]);
+            assert_eq!(slab(&arena, b.table[0], 1, true)[..4], [5.0; 4]);
+            assert_eq!(
+                slab(&arena, a.table[1], 0, true)[..4],
+                [0.0; 4],
+                "other layer untouched"
+            );
+            // Keys lie transposed: dimension c of position p at c * BLOCK + p.
+            arena.put(&a, BLOCK + 2, 0, false, 0, &[7.0, 8.0, 9.0, 10.0]);
+            let keys = slab(&arena, a.table[1], 0, false);
+            let col: Vec<f32> = (0..4).map(|c| keys[c * BLOCK + 2]).collect();
+            assert_eq!(col, [7.0, 8.0, 9.0, 10.0]);
+            assert_eq!(keys.iter().filter(|&&v| v != 0.0).count(), 4);
+            drop(a);
+            assert_eq!(pool.free_blocks(), 2);
+            drop(b);
+            assert_eq!(pool.free_blocks(), 3);
+        }
+    }
+
+    #[test]
+    fn an_f16_cache_is_half_the_size_and_rounds_to_nearest_even() {
         let shape = KvShape {
-            layers: 2,
+            layers: 1,
             kv_heads: 1,
-            head_dim: 4,
+            head_dim: 2,
         };
-        let (mut arena, pool) = KvArena::new(shape, 3);
-        let mut a = SeqBlocks::new(&pool, 64);
-        a.reserve(BLOCK + 1).unwrap();
-        assert_eq!(pool.free_blocks(), 1);
-        let mut b = SeqBlocks::new(&pool, 64);
-        assert!(b.reserve(2 * BLOCK).is_err(), "only one block left");
-        b.reserve(BLOCK).unwrap();
-        arena.put(&a, BLOCK, 1, true, 0, &[1.0, 2.0, 3.0, 4.0]);
-        arena.put(&b, 0, 1, true, 0, &[5.0; 4]);
-        assert_eq!(
-            &arena.slab(a.table[1], 1, true, 0)[..4],
-            &[1.0, 2.0, 3.0, 4.0]
-        );
-        assert_eq!(&arena.slab(b.table[0], 1, true, 0)[..4], &[5.0; 4]);
-        assert_eq!(
-            arena.slab(a.table[1], 0, true, 0)[..4],
-            [0.0; 4],
-            "other layer untouched"
-        );
-        // Keys lie transposed: dimension c of position p at c * BLOCK + p.
-        arena.put(&a, BLOCK + 2, 0, false, 0, &[7.0, 8.0, 9.0, 10.0]);
-        let keys = arena.slab(a.table[1], 0, false, 0);
-        let col: Vec<f32> = (0..4).map(|c| keys[c * BLOCK + 2]).collect();
-        assert_eq!(col, [7.0, 8.0, 9.0, 10.0]);
-        assert_eq!(keys.iter().filter(|&&v| v != 0.0).count(), 4);
-        drop(a);
-        assert_eq!(pool.free_blocks(), 2);
-        drop(b);
-        assert_eq!(pool.free_blocks(), 3);
+        let (a32, _) = KvArena::new(shape, 2, KvType::F32);
+        let (mut a16, pool) = KvArena::new(shape, 2, KvType::F16);
+        assert_eq!(a16.bytes() * 2, a32.bytes());
+        let mut s = SeqBlocks::new(&pool, 16);
+        s.reserve(1).unwrap();
+        let ulp = 2f32.powi(-10);
+        // 1 + ulp/2 is a tie: to the even 1.0; 1 + 0.75 ulp rounds up.
+        a16.put(&s, 0, 0, true, 0, &[1.0 + ulp / 2.0, 1.0 + 0.75 * ulp]);
+        a16.put(&s, 0, 0, false, 0, &[-2.5, 1e6]);
+        assert_eq!(slab(&a16, s.table[0], 0, true)[..2], [1.0, 1.0 + ulp]);
+        let keys = slab(&a16, s.table[0], 0, false);
+        assert_eq!([keys[0], keys[BLOCK]], [-2.5, 65504.0], "saturated");
     }
 
     #[test]
@@ -336,7 +426,7 @@ mod tests {
             kv_heads: 1,
             head_dim: 2,
         };
-        let (_arena, pool) = KvArena::new(shape, 4);
+        let (_arena, pool) = KvArena::new(shape, 4, KvType::F32);
         let prompt: Vec<u32> = (0..40).collect();
         let mut a = SeqBlocks::new(&pool, 64);
         a.reserve(40).unwrap();

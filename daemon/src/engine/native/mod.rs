@@ -302,7 +302,7 @@ impl NativeBackend {
         let context = dir.context_length().unwrap_or(max_pos).min(max_pos);
         let seqs = opts.max_seqs.max(1);
         let blocks = seqs * context.div_ceil(kv::BLOCK);
-        let (arena, pool) = KvArena::new(shape, blocks);
+        let (arena, pool) = KvArena::new(shape, blocks, opts.kv_cache);
         let kv_bytes = arena.bytes();
         let weight_bytes = net.weight_bytes();
         let work = net.new_work(arena, context);

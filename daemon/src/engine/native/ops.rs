@@ -5,10 +5,10 @@
 use std::sync::Mutex;
 
 use ember_kernels::gemv::{self, PackedI8, Parallel, QVec};
-use ember_kernels::{mem, Kernels};
+use ember_kernels::Kernels;
 
 use super::graph::{Graph, Linear, Unrecognized, Values};
-use super::kv::{KvArena, SeqBlocks, BLOCK};
+use super::kv::{KvArena, SeqBlocks, Slab, BLOCK};
 use super::{Job, Row, Sequence};
 use tract_onnx::pb;
 
@@ -273,8 +273,8 @@ pub struct Work {
     pub tmp: Vec<f32>,
     /// Attention output, `MAX_ROWS × hidden`.
     pub att: Vec<f32>,
-    /// Attention scores of one head, `context` long, for each of
-    /// [`ATT_PARTS`] tasks.
+    /// Attention scratch for each of [`ATT_PARTS`] tasks: one head's scores
+    /// (`context` long), then a block's slab widened from a 16-bit cache.
     pub scores: Vec<f32>,
     pub logits: Vec<f32>,
     pub qr: QRows,
@@ -284,14 +284,15 @@ impl Work {
     /// Buffers for rows of `hidden` values, projections up to `wide` values
     /// (also the widest input a linear layer takes), `vocab` logits.
     pub fn new(arena: KvArena, hidden: usize, wide: usize, vocab: usize, context: usize) -> Work {
+        let part = context + arena.slab_len();
         Work {
+            scores: vec![0.0; ATT_PARTS * part],
             arena,
             x: vec![0.0; MAX_ROWS * hidden],
             h: vec![0.0; MAX_ROWS * hidden],
             big: vec![0.0; MAX_ROWS * wide],
             tmp: vec![0.0; MAX_ROWS * hidden],
             att: vec![0.0; MAX_ROWS * hidden],
-            scores: vec![0.0; ATT_PARTS * context],
             logits: vec![0.0; MAX_ROWS * vocab],
             qr: QRows::new(hidden.max(wide)),
         }
@@ -392,7 +393,8 @@ pub struct Heads {
 
 /// Causal attention of one head of one query row at position `pos` over
 /// positions `0..=pos` of its sequence: `q` and `out` are the head's
-/// `head_dim` values; `scores` is scratch of at least `pos + 1`.
+/// `head_dim` values; `scores` is scratch of at least `pos + 1`, `buf` of
+/// [`KvArena::slab_len`] (where a 16-bit cache's blocks are widened).
 #[allow(clippy::too_many_arguments)]
 pub fn attend_head(
     k: &Kernels,
@@ -404,23 +406,33 @@ pub fn attend_head(
     q: &[f32],
     pos: usize,
     scores: &mut [f32],
+    buf: &mut [f32],
     out: &mut [f32],
 ) {
     let hd = h.head_dim;
     let kvh = head / (h.heads / h.kv_heads);
     let n = pos + 1;
+    let slab = arena.slab_len();
     let scores = &mut scores[..n];
     let blocks = &seq.table[..n.div_ceil(BLOCK)];
-    // Each block's successor is prefetched while it is computed: the
-    // blocks are scattered, so the hardware prefetcher cannot guess them.
+    let keys = |block| Slab {
+        block,
+        layer,
+        value: false,
+        head: kvh,
+    };
+    let values = |block| Slab {
+        value: true,
+        ..keys(block)
+    };
+    // Each block's successor is prefetched while it is computed.
     for (b, &block) in blocks.iter().enumerate() {
         let m = (n - b * BLOCK).min(BLOCK);
-        if let Some(&next) = blocks.get(b + 1) {
-            mem::prefetch(arena.slab(next, layer, false, kvh));
-        } else {
-            mem::prefetch(arena.slab(blocks[0], layer, true, kvh));
+        match blocks.get(b + 1) {
+            Some(&next) => arena.prefetch(keys(next), slab),
+            None => arena.prefetch(values(blocks[0]), slab),
         }
-        let keys = arena.slab(block, layer, false, kvh);
+        let keys = arena.read(k, keys(block), slab, buf);
         (k.qk_f32)(q, keys, h.scale, &mut scores[b * BLOCK..b * BLOCK + m]);
     }
     let inv = 1.0 / (k.softmax_f32)(scores);
@@ -429,9 +441,9 @@ pub fn attend_head(
         let m = (n - b * BLOCK).min(BLOCK);
         if let Some(&next) = blocks.get(b + 1) {
             let m = (n - (b + 1) * BLOCK).min(BLOCK);
-            mem::prefetch(&arena.slab(next, layer, true, kvh)[..m * hd]);
+            arena.prefetch(values(next), m * hd);
         }
-        let vals = &arena.slab(block, layer, true, kvh)[..m * hd];
+        let vals = arena.read(k, values(block), m * hd, buf);
         (k.pv_f32)(&scores[b * BLOCK..b * BLOCK + m], inv, vals, out);
     }
 }
@@ -491,11 +503,13 @@ pub fn attend_rows(
     };
     let per = units.div_ceil(parts).max(1);
     let outs = split_parts(&mut out[..units * hd], per * hd);
-    let context = scores.len() / ATT_PARTS;
-    let scratch = split_parts(scores, context);
+    let part = scores.len() / ATT_PARTS;
+    let scratch = split_parts(scores, part);
+    let context = part - arena.slab_len();
     par.run(outs.len(), &|p| {
         let mut o = outs[p].lock().unwrap_or_else(|e| e.into_inner());
         let mut s = scratch[p].lock().unwrap_or_else(|e| e.into_inner());
+        let (s, buf) = s.split_at_mut(context);
         for (u, o) in (p * per..).zip(o.chunks_mut(hd)) {
             let (r, head) = (u / h.heads, u % h.heads);
             let row = &rows[r];
@@ -509,7 +523,8 @@ pub fn attend_rows(
                 head,
                 qh,
                 row.pos,
-                &mut s,
+                s,
+                buf,
                 o,
             );
         }
