@@ -82,31 +82,43 @@ enum Layer {
 
 #[derive(Debug)]
 struct F32Layer {
-    /// Input weights, `cols` = the layer's input width.
-    w: Panels,
+    /// The input product's weights, or its every value.
+    input: Input,
     /// Recurrent weights, `cols` = hidden.
     r: Panels,
     /// `Wb + Rb`, by unit group (`[groups][GATES]`).
     bias: Vec<f32>,
-    /// First layer only, when small enough ([`FOLD_MAX_BYTES`]): `bias + W·x`
-    /// for every token's embedding `x`, `[vocab][groups][GATES]`.
-    by_token: Option<Vec<f32>>,
 }
 
-/// Largest table of first-layer input products kept ([`F32Layer::by_token`]).
+/// How an fp32 layer gets its input product `bias + W·x`.
+#[derive(Debug)]
+enum Input {
+    /// Input weights, `cols` = the layer's input width.
+    Weights(Panels),
+    /// First layer only, when small enough ([`FOLD_MAX_BYTES`]): `bias + W·x`
+    /// for every token's embedding `x`, `[vocab][groups][GATES]`. Neither
+    /// `W` nor the embedding is kept.
+    ByToken(Vec<f32>),
+}
+
+/// Largest table of first-layer input products kept ([`Input::ByToken`]).
 ///
 /// The first layer's input is an embedding row, so its input product takes
 /// one of `vocab` values: computed once at load with the same kernel (bit for
 /// bit what a step would compute), a step reads the token's row of the table
 /// (`4·hidden` floats) instead of the whole `W` (kjv-lstm: 4 KiB instead of
 /// 1 MiB of the 5.2 MiB a step read). The cost is `vocab × 4·hidden` floats
-/// (kjv-lstm: 16 MiB; the embedding, no longer read, is still held), so
+/// (kjv-lstm: 16 MiB, less the embedding and `W` it replaces, 2 MiB), so
 /// only small vocabularies get it.
 const FOLD_MAX_BYTES: usize = 32 << 20;
 
 impl F32Layer {
-    /// Fill [`F32Layer::by_token`] from the embedding (the layer's input).
+    /// Replace the input weights by [`Input::ByToken`], computed from the
+    /// embedding (the layer's input).
     fn fold(&mut self, k: &Kernels, embed: &Embedding) {
+        let Input::Weights(w) = &self.input else {
+            return;
+        };
         let g4 = self.bias.len();
         let mut x = vec![0f32; embed.cols()];
         let mut table = vec![0f32; embed.rows() * g4];
@@ -114,10 +126,10 @@ impl F32Layer {
             embed.read(v, &mut x, false);
             for (q, o) in gates.chunks_mut(GATES).enumerate() {
                 o.copy_from_slice(&self.bias[q * GATES..(q + 1) * GATES]);
-                self.w.add_product(k, q, &[&x], o);
+                w.add_product(k, q, &[&x], o);
             }
         }
-        self.by_token = Some(table);
+        self.input = Input::ByToken(table);
     }
 }
 
@@ -135,8 +147,11 @@ impl Layer {
     fn bytes(&self) -> usize {
         match self {
             Layer::F32(l) => {
-                let table = l.by_token.as_ref().map_or(0, |t| 4 * t.len());
-                l.w.bytes() + l.r.bytes() + 4 * l.bias.len() + table
+                let input = match &l.input {
+                    Input::Weights(w) => w.bytes(),
+                    Input::ByToken(t) => 4 * t.len(),
+                };
+                input + l.r.bytes() + 4 * l.bias.len()
             }
             Layer::I8(l) => l.w.bytes() + l.r.bytes(),
         }
@@ -145,9 +160,11 @@ impl Layer {
     /// Weight bytes one step reads.
     fn streamed(&self) -> usize {
         match self {
-            // The token's row of the table: as many floats as the bias.
-            Layer::F32(l) if l.by_token.is_some() => l.r.bytes() + 4 * l.bias.len(),
-            Layer::F32(l) => l.w.bytes() + l.r.bytes(),
+            Layer::F32(l) => match &l.input {
+                Input::Weights(w) => w.bytes() + l.r.bytes(),
+                // The token's row of the table: as many floats as the bias.
+                Input::ByToken(_) => l.r.bytes() + 4 * l.bias.len(),
+            },
             Layer::I8(l) => l.w.w.weight_bytes() + l.r.w.weight_bytes(),
         }
     }
@@ -171,7 +188,10 @@ struct Steps<'a> {
 pub struct Lstm {
     hidden: usize,
     vocab: usize,
-    embed: Embedding,
+    /// The token embedding, unless the first layer folded it away.
+    embed: Option<Embedding>,
+    /// Its width (the first layer's input).
+    embed_cols: usize,
     layers: Vec<Layer>,
     head: Linear,
 }
@@ -232,6 +252,17 @@ impl Lstm {
     /// Recognise embedding → LSTM × layers → head; any deviation is a reason
     /// to stay on tract.
     pub fn recognize(g: &Graph, io: &LstmIo, quantize_fp32: bool) -> Result<Lstm, Unrecognized> {
+        Lstm::recognize_folding(g, io, quantize_fp32, true)
+    }
+
+    /// [`Lstm::recognize`], folding the first layer's input product into a
+    /// table by token where it may.
+    fn recognize_folding(
+        g: &Graph,
+        io: &LstmIo,
+        quantize_fp32: bool,
+        fold: bool,
+    ) -> Result<Lstm, Unrecognized> {
         g.check_ops(&["LSTM"], "LSTM")?;
         let lstms: Vec<&pb::NodeProto> = g.nodes().iter().filter(|n| n.op_type == "LSTM").collect();
         if lstms.len() != io.layers {
@@ -302,11 +333,10 @@ impl Lstm {
                 })
             } else {
                 Layer::F32(F32Layer {
-                    w: Panels::pack(&w, hidden, input),
+                    input: Input::Weights(Panels::pack(&w, hidden, input)),
                     r: Panels::pack(&r, hidden, hidden),
                     // The panels' order: a one-column matrix.
                     bias: Panels::pack(&bias, hidden, 1).data,
-                    by_token: None,
                 })
             });
             for (j, whole) in [(1, &io.hn), (2, &io.cn)] {
@@ -336,15 +366,19 @@ impl Lstm {
         if head.w.cols() != hidden || embed.rows() != vocab {
             return Err("the output projection is not hidden → vocabulary".into());
         }
-        if let Some(Layer::F32(first)) = layers.first_mut() {
-            if vocab * 4 * hidden * 4 <= FOLD_MAX_BYTES {
-                first.fold(ember_kernels::kernels(), &embed);
+        let embed_cols = embed.cols();
+        let mut embed = Some(embed);
+        if let (Some(Layer::F32(first)), Some(e)) = (layers.first_mut(), &embed) {
+            if fold && vocab * 4 * hidden * 4 <= FOLD_MAX_BYTES {
+                first.fold(ember_kernels::kernels(), e);
+                embed = None;
             }
         }
         Ok(Lstm {
             hidden,
             vocab,
             embed,
+            embed_cols,
             layers,
             head,
         })
@@ -358,7 +392,7 @@ impl Lstm {
     /// Bytes of weights held.
     pub fn weight_bytes(&self) -> usize {
         let layers: usize = self.layers.iter().map(Layer::bytes).sum();
-        self.embed.bytes() + layers + self.head.bytes()
+        self.embed.as_ref().map_or(0, Embedding::bytes) + layers + self.head.bytes()
     }
 
     /// Weight bytes a decode step reads.
@@ -369,7 +403,7 @@ impl Lstm {
 
     pub fn new_work(&self) -> LstmWork {
         let (h, groups) = (self.hidden, self.hidden / UNITS);
-        let wide = self.embed.cols().max(h);
+        let wide = self.embed_cols.max(h);
         LstmWork {
             x: vec![0.0; MAX_ROWS * wide],
             y: vec![0.0; MAX_ROWS * h],
@@ -410,14 +444,16 @@ impl Lstm {
         }
         let steps = runs.iter().map(|s| s.len).max().unwrap_or(0);
         let ns = runs.len();
-        let cols = self.embed.cols();
-        let folded = matches!(self.layers.first(), Some(Layer::F32(l)) if l.by_token.is_some());
-        for (r, row) in rows.iter().enumerate().filter(|_| !folded) {
-            self.embed.read(
-                row.token as usize,
-                &mut w.x[r * cols..(r + 1) * cols],
-                false,
-            );
+        let cols = self.embed_cols;
+        // A folded first layer reads its input product by token instead.
+        for (r, row) in rows.iter().enumerate() {
+            if let Some(e) = &self.embed {
+                e.read(
+                    row.token as usize,
+                    &mut w.x[r * cols..(r + 1) * cols],
+                    false,
+                );
+            }
         }
         let mut input = cols;
         let steps = Steps {
@@ -536,7 +572,7 @@ impl Lstm {
         }
         // Input products of every row: gates = bias + W·x, read by token
         // from the folded table when there is one.
-        if let Some(table) = &layer.by_token {
+        if let Input::ByToken(table) = &layer.input {
             let g4 = 4 * hd;
             for (r, row) in st.rows.iter().enumerate() {
                 let by_q = table[row.token as usize * g4..][..g4].chunks(GATES);
@@ -544,7 +580,7 @@ impl Lstm {
                     w.gates[(q * n + r) * GATES..][..GATES].copy_from_slice(from);
                 }
             }
-        } else {
+        } else if let Input::Weights(wi) = &layer.input {
             let x = &w.x[..n * input];
             let gates = split_parts(&mut w.gates[..groups * n * GATES], per * n * GATES);
             par.run(parts, &|p| {
@@ -560,7 +596,7 @@ impl Lstm {
                         for o in out.chunks_mut(GATES) {
                             o.copy_from_slice(bias);
                         }
-                        layer.w.add_product(k, q, &xs[..b], out);
+                        wi.add_product(k, q, &xs[..b], out);
                     }
                 }
             });
@@ -907,14 +943,15 @@ mod tests {
         };
         let g = Graph::new(&proto, &dir.root);
         let folded = Lstm::recognize(&g, io, false).unwrap();
-        let mut plain = Lstm::recognize(&g, io, false).unwrap();
-        let Some(Layer::F32(first)) = plain.layers.first_mut() else {
+        let plain = Lstm::recognize_folding(&g, io, false, false).unwrap();
+        let Some(Layer::F32(first)) = folded.layers.first() else {
             panic!("an fp32 first layer")
         };
         assert!(
-            first.by_token.take().is_some(),
+            matches!(first.input, Input::ByToken(_)),
             "kjv-lstm's first layer is folded"
         );
+        assert!(folded.embed.is_none(), "and its embedding dropped");
         assert!(folded.streamed_bytes() < plain.streamed_bytes());
         let logits = |net: Lstm| {
             let b = LstmBackend::new(family.clone(), net, None);
