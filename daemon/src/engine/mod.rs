@@ -408,6 +408,13 @@ fn choose_backend(
     opts: &LoadOptions,
 ) -> Result<Box<dyn Backend>, ModelError> {
     let optimized = || -> Result<Box<dyn Backend>, ModelError> {
+        if opts.kv_cache != KvType::F32 {
+            tracing::warn!(
+                model = %dir.root.display(),
+                kv_cache = ?opts.kv_cache,
+                "the KV cache setting applies to the native engine only; tract keeps f32"
+            );
+        }
         let tract = tract::TractBackend::from_proto(dir, proto, opts, tract::Build::Optimized)?;
         Ok(Box::new(tract))
     };
@@ -452,6 +459,7 @@ fn choose_backend(
                 model = %dir.root.display(),
                 weights_mib = n.weight_bytes as f64 / (1 << 20) as f64,
                 kv_cache_mib = n.kv_bytes as f64 / (1 << 20) as f64,
+                kv_cache = ?opts.kv_cache,
                 int8_file = n.from_int8,
                 max_logit_diff = diff,
                 probe_pack_and_check_ms = t0.elapsed().as_millis() as u64,

@@ -16,6 +16,13 @@
 //! and keys transposed, `[head dim][position in block]`: one head's block is
 //! contiguous, and a score kernel computes all of a block's scores in one
 //! vector with no horizontal sums (`ember_kernels::generic::qk_f32`).
+//!
+//! The values are f32, or IEEE half precision when the model is loaded with
+//! `kv_cache = "f16"`: narrowed once when written (scalar, round to nearest
+//! even, the same bits on every machine) and widened exactly into a scratch
+//! slab when read, so the attention kernels stay f32. That halves the memory
+//! and the bytes a step of long sequences reads, which is what limits a
+//! batch on small models.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
