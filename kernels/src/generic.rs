@@ -380,8 +380,8 @@ pub fn pv_f32(p: &[f32], scale: f32, vals: &[f32], out: &mut [f32]) {
 }
 
 /// Widen IEEE 754 half-precision values, given as their bit patterns, to
-/// f32. Exact: every f16 is an f32 (a NaN comes out quiet with its payload,
-/// as the hardware conversions give it). A 16-bit KV cache reads its blocks
+/// f32. Exact: every f16 is an f32 (and a NaN stays a NaN; its payload bits
+/// are not compared across ISAs). A 16-bit KV cache reads its blocks
 /// through this, so attention then runs the f32 kernels on the same values
 /// on every ISA.
 pub fn f16_to_f32(src: &[u16], dst: &mut [f32]) {
