@@ -446,8 +446,8 @@ impl Lstm {
         let ns = runs.len();
         let cols = self.embed_cols;
         // A folded first layer reads its input product by token instead.
-        for (r, row) in rows.iter().enumerate() {
-            if let Some(e) = &self.embed {
+        if let Some(e) = &self.embed {
+            for (r, row) in rows.iter().enumerate() {
                 e.read(
                     row.token as usize,
                     &mut w.x[r * cols..(r + 1) * cols],
@@ -572,34 +572,37 @@ impl Lstm {
         }
         // Input products of every row: gates = bias + W·x, read by token
         // from the folded table when there is one.
-        if let Input::ByToken(table) = &layer.input {
-            let g4 = 4 * hd;
-            for (r, row) in st.rows.iter().enumerate() {
-                let by_q = table[row.token as usize * g4..][..g4].chunks(GATES);
-                for (q, from) in by_q.enumerate() {
-                    w.gates[(q * n + r) * GATES..][..GATES].copy_from_slice(from);
-                }
-            }
-        } else if let Input::Weights(wi) = &layer.input {
-            let x = &w.x[..n * input];
-            let gates = split_parts(&mut w.gates[..groups * n * GATES], per * n * GATES);
-            par.run(parts, &|p| {
-                let mut g = gates[p].lock().unwrap_or_else(|e| e.into_inner());
-                for (gq, q) in g.chunks_mut(n * GATES).zip(p * per..) {
-                    let bias = &layer.bias[q * GATES..(q + 1) * GATES];
-                    for (r0, out) in (0..n).step_by(4).zip(gq.chunks_mut(4 * GATES)) {
-                        let b = out.len() / GATES;
-                        let xs: [&[f32]; 4] = std::array::from_fn(|i| {
-                            let r = r0 + i.min(b - 1);
-                            &x[r * input..(r + 1) * input]
-                        });
-                        for o in out.chunks_mut(GATES) {
-                            o.copy_from_slice(bias);
-                        }
-                        wi.add_product(k, q, &xs[..b], out);
+        match &layer.input {
+            Input::ByToken(table) => {
+                let g4 = 4 * hd;
+                for (r, row) in st.rows.iter().enumerate() {
+                    let by_q = table[row.token as usize * g4..][..g4].chunks(GATES);
+                    for (q, from) in by_q.enumerate() {
+                        w.gates[(q * n + r) * GATES..][..GATES].copy_from_slice(from);
                     }
                 }
-            });
+            }
+            Input::Weights(wi) => {
+                let x = &w.x[..n * input];
+                let gates = split_parts(&mut w.gates[..groups * n * GATES], per * n * GATES);
+                par.run(parts, &|p| {
+                    let mut g = gates[p].lock().unwrap_or_else(|e| e.into_inner());
+                    for (gq, q) in g.chunks_mut(n * GATES).zip(p * per..) {
+                        let bias = &layer.bias[q * GATES..(q + 1) * GATES];
+                        for (r0, out) in (0..n).step_by(4).zip(gq.chunks_mut(4 * GATES)) {
+                            let b = out.len() / GATES;
+                            let xs: [&[f32]; 4] = std::array::from_fn(|i| {
+                                let r = r0 + i.min(b - 1);
+                                &x[r * input..(r + 1) * input]
+                            });
+                            for o in out.chunks_mut(GATES) {
+                                o.copy_from_slice(bias);
+                            }
+                            wi.add_product(k, q, &xs[..b], out);
+                        }
+                    }
+                });
+            }
         }
         // The recurrence, one step of every sequence at a time.
         for t in 0..steps {
