@@ -122,7 +122,8 @@ pub enum Layout {
     /// byte `g · 256 + r · 4 + j` of a block is row `r`, column `4g + j`. One
     /// 64-byte load holds 4 columns of 16 rows, so a `vpdpbusd` against four
     /// broadcast activation bytes advances 16 rows at once, with no horizontal
-    /// sums ([`Kernels::block_u8i8`]).
+    /// sums ([`Kernels::block_u8i8`]); on AVX2, 16 bytes widened to i16 are 4
+    /// rows × 4 columns for one `vpmaddwd` against 4 activation values.
     Blocks,
 }
 
@@ -131,7 +132,9 @@ pub enum Layout {
 pub struct Block64<'a> {
     /// The block's groups, [`BLOCK_GROUP`] bytes each; at least
     /// `n.div_ceil(4)` of them, `n` being the activations' length. Columns
-    /// past `n` are ignored whatever they hold.
+    /// past `n` are ignored whatever they hold. What follows may be the next
+    /// blocks of the matrix (`n.div_ceil(4)` groups each), which a kernel
+    /// may prefetch but never counts.
     pub data: &'a [i8],
 }
 

@@ -206,11 +206,12 @@ impl PackedI8 {
         }
     }
 
-    /// The block holding row `r`, [`Layout::Blocks`].
+    /// The block holding row `r`, [`Layout::Blocks`], and the blocks after
+    /// it (which a kernel may prefetch while it computes this one).
     fn block64(&self, r: usize) -> Block64<'_> {
         let at = r / BLOCK_ROWS * self.stride;
         Block64 {
-            data: &self.data[at..at + self.stride],
+            data: &self.data[at..],
         }
     }
 }

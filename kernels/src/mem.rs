@@ -23,6 +23,14 @@ pub fn prefetch<T>(data: &[T]) {
     }
 }
 
+/// Hint that the cache line holding `p` will be read soon. Any address is
+/// fine (a prefetch never faults); like [`prefetch`], a no-op where the
+/// architecture has no instruction for it.
+#[inline(always)]
+pub fn prefetch_line<T>(p: *const T) {
+    line(p.cast())
+}
+
 #[inline(always)]
 fn line(p: *const u8) {
     #[cfg(target_arch = "x86_64")]

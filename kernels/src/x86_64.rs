@@ -59,6 +59,8 @@ pub(crate) fn plug(k: &mut Kernels, limit: Isa) {
         k.dot_u8i8 = dot_u8i8_avx2;
         k.dot_i8i8 = dot_i8i8_avx2;
         k.tile_u8i8 = tile_u8i8_avx2;
+        k.block_u8i8 = block_u8i8_avx2;
+        k.layout = Layout::Blocks;
         if has_f16c() {
             k.f16_to_f32 = f16_to_f32_f16c;
         }
@@ -352,6 +354,18 @@ kernel! { tile_u8i8:
     pub fn tile_u8i8_avx2 = avx2::tile_u8i8, isa = "AVX2 and FMA", when = has_avx2();
 }
 
+kernel! { block_u8i8:
+    /// The block micro-kernel on AVX2, on the same interleaved blocks as
+    /// AVX-512 VNNI: 16 bytes of a group are 4 columns of 4 rows, widened to
+    /// i16 once and multiplied by `vpmaddwd` against each activation's 4
+    /// values of those columns (widened once per call, broadcast), so every
+    /// `vpmaddwd` does 16 useful multiply-adds, none can saturate, and the
+    /// only horizontal step is one `vphaddd` per 8 rows at the end. Rows go
+    /// 8 at a time against up to 4 activations: 8 accumulators, 2 weight
+    /// registers.
+    pub fn block_u8i8_avx2 = avx2::block_u8i8, isa = "AVX2 and FMA", when = has_avx2();
+}
+
 kernel! { dot_u8i8:
     /// u8·i8 dot product on AVX-512 VNNI: `vpdpbusd` sums four u8·i8 products
     /// straight into i32 lanes (no intermediate saturation); the tail is a
@@ -388,7 +402,7 @@ kernel! { block16_u8i8:
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use crate::dispatch::{Rows4, TILE_ACTS, TILE_ROWS};
+    use crate::dispatch::{Block64, Rows4, BLOCK_GROUP, BLOCK_ROWS, TILE_ACTS, TILE_ROWS};
 
     #[target_feature(enable = "avx2,fma")]
     fn hsum(v: __m256i) -> i32 {
@@ -526,6 +540,108 @@ mod avx2 {
             }
         }
         out
+    }
+
+    /// Columns of activations widened to i16 per pass over a block's rows.
+    const CHUNK: usize = 256;
+    /// Rows one pass computes (two registers of 4 rows × 2 column pairs).
+    const SLICE: usize = 8;
+
+    /// # Safety
+    /// The CPU must support AVX2; `xs` holds 1–4 vectors of length `n`, and
+    /// `w.data` holds `n.div_ceil(4)` groups.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn block_u8i8(
+        xs: &[&[u8]],
+        n: usize,
+        w: Block64,
+    ) -> [[i32; BLOCK_ROWS]; TILE_ACTS] {
+        let mut out = [[0; BLOCK_ROWS]; TILE_ACTS];
+        // The sums are stored straight into `out` (no 1 KiB copy per call).
+        match xs.len() {
+            // SAFETY (all arms): preconditions forwarded, xs.len() == B.
+            1 => unsafe { block::<1>(xs, n, w, &mut out) },
+            2 => unsafe { block::<2>(xs, n, w, &mut out) },
+            3 => unsafe { block::<3>(xs, n, w, &mut out) },
+            _ => unsafe { block::<4>(xs, n, w, &mut out) },
+        }
+        out
+    }
+
+    /// # Safety
+    /// As [`block_u8i8`], with `xs.len() == B`; the sums go to `out[..B]`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn block<const B: usize>(
+        xs: &[&[u8]],
+        n: usize,
+        w: Block64,
+        out: &mut [[i32; BLOCK_ROWS]; TILE_ACTS],
+    ) {
+        const SLICES: usize = BLOCK_ROWS / SLICE;
+        // Per slice and activation: rows 0–3 and 4–7 of the slice, each lane
+        // the sum over one column pair of every group so far.
+        let mut acc = [[[_mm256_setzero_si256(); 2]; B]; SLICES];
+        // The chunk's activations as i16, zero past column n (absent columns
+        // of the last group then count nothing whatever their weights).
+        let mut x16 = [[0i16; CHUNK]; B];
+        let wp = w.data.as_ptr();
+        // The next block, when the slice holds one: each of its lines is
+        // asked for while the same line of this block is first read, a
+        // block's compute time before it is needed (the groups' 256-byte
+        // stride is one the hardware prefetcher picks up late).
+        let stride = n.div_ceil(4) * BLOCK_GROUP;
+        let next = (w.data.len() >= 2 * stride).then(|| wp.wrapping_add(stride));
+        let mut c0 = 0;
+        while c0 < n {
+            let cols = (n - c0).min(CHUNK);
+            let groups = cols.div_ceil(4);
+            for (d, x) in x16.iter_mut().zip(xs) {
+                for (d, &v) in d.iter_mut().zip(&x[c0..c0 + cols]) {
+                    *d = v as i16;
+                }
+                d[cols..groups * 4].fill(0);
+            }
+            let g0 = c0 / 4;
+            for (s, acc_s) in acc.iter_mut().enumerate() {
+                let mut a = *acc_s;
+                for g in 0..groups {
+                    // SAFETY: group g0 + g < n.div_ceil(4) lies inside w.data
+                    // (the caller's precondition); this slice's 32 bytes of
+                    // it, two unaligned 16-byte loads.
+                    let (w0, w1) = unsafe {
+                        let p = wp.add((g0 + g) * BLOCK_GROUP + s * SLICE * 4);
+                        (
+                            _mm256_cvtepi8_epi16(_mm_loadu_si128(p as *const __m128i)),
+                            _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(16) as *const __m128i)),
+                        )
+                    };
+                    if let Some(next) = next.filter(|_| s % 2 == 0) {
+                        let at = (g0 + g) * BLOCK_GROUP + s * SLICE * 4;
+                        crate::mem::prefetch_line(next.wrapping_add(at));
+                    }
+                    for (acc_a, x) in a.iter_mut().zip(&x16) {
+                        // SAFETY: 4g + 4 ≤ groups · 4 ≤ CHUNK values of x;
+                        // unaligned 8-byte read.
+                        let q = unsafe { (x.as_ptr().add(4 * g) as *const i64).read_unaligned() };
+                        let xq = _mm256_set1_epi64x(q);
+                        acc_a[0] = _mm256_add_epi32(acc_a[0], _mm256_madd_epi16(w0, xq));
+                        acc_a[1] = _mm256_add_epi32(acc_a[1], _mm256_madd_epi16(w1, xq));
+                    }
+                }
+                *acc_s = a;
+            }
+            c0 += cols;
+        }
+        for (s, acc_s) in acc.iter().enumerate() {
+            for (o, a) in out.iter_mut().zip(acc_s) {
+                // [r0 r1 r4 r5 | r2 r3 r6 r7] -> rows in order.
+                let h = _mm256_hadd_epi32(a[0], a[1]);
+                let v = _mm256_permute4x64_epi64(h, 0b11_01_10_00);
+                // SAFETY: 8 writable i32 (32 bytes) at row s · SLICE; unaligned store.
+                unsafe { _mm256_storeu_si256(o.as_mut_ptr().add(s * SLICE) as *mut __m256i, v) };
+            }
+        }
     }
 }
 
