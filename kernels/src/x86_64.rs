@@ -361,8 +361,10 @@ kernel! { block_u8i8:
     /// values of those columns (widened once per call, broadcast), so every
     /// `vpmaddwd` does 16 useful multiply-adds, none can saturate, and the
     /// only horizontal step is one `vphaddd` per 8 rows at the end. Rows go
-    /// 8 at a time against up to 4 activations: 8 accumulators, 2 weight
-    /// registers.
+    /// 8 at a time against 2–4 activations (8 accumulators, 2 weight
+    /// registers), 32 at a time against one (a GEMV: each pass then reads
+    /// 128 contiguous bytes of every 256-byte group, which streams from
+    /// memory better than 32).
     pub fn block_u8i8_avx2 = avx2::block_u8i8, isa = "AVX2 and FMA", when = has_avx2();
 }
 
@@ -544,8 +546,29 @@ mod avx2 {
 
     /// Columns of activations widened to i16 per pass over a block's rows.
     const CHUNK: usize = 256;
-    /// Rows one pass computes (two registers of 4 rows × 2 column pairs).
+    /// Rows one pass of [`block`] computes (two registers of 4 rows × 2
+    /// column pairs); [`block1`] takes 32.
     const SLICE: usize = 8;
+
+    /// The next block, when `w.data` holds one past this block of `n`
+    /// columns: each of its lines is asked for while the same line of this
+    /// block is first read, a block's compute time before it is needed (the
+    /// groups' 256-byte stride is one the hardware prefetcher picks up late).
+    fn next_block(w: &Block64, n: usize) -> Option<*const i8> {
+        let stride = n.div_ceil(4) * BLOCK_GROUP;
+        (w.data.len() >= 2 * stride).then(|| w.data.as_ptr().wrapping_add(stride))
+    }
+
+    /// `x` (one chunk of an activation, at most [`CHUNK`] values) as i16 in
+    /// `d`, zero up to the end of its last group of 4 (absent columns of that
+    /// group then count nothing whatever their weights).
+    #[inline]
+    fn widen(x: &[u8], d: &mut [i16; CHUNK]) {
+        for (d, &v) in d.iter_mut().zip(x) {
+            *d = v as i16;
+        }
+        d[x.len()..x.len().div_ceil(4) * 4].fill(0);
+    }
 
     /// # Safety
     /// The CPU must support AVX2; `xs` holds 1–4 vectors of length `n`, and
@@ -560,12 +583,72 @@ mod avx2 {
         // The sums are stored straight into `out` (no 1 KiB copy per call).
         match xs.len() {
             // SAFETY (all arms): preconditions forwarded, xs.len() == B.
-            1 => unsafe { block::<1>(xs, n, w, &mut out) },
+            1 => unsafe { block1(xs[0], n, w, &mut out[0]) },
             2 => unsafe { block::<2>(xs, n, w, &mut out) },
             3 => unsafe { block::<3>(xs, n, w, &mut out) },
             _ => unsafe { block::<4>(xs, n, w, &mut out) },
         }
         out
+    }
+
+    /// # Safety
+    /// As [`block_u8i8`] with one activation `x` (a GEMV): slices of 32 rows,
+    /// so a pass reads 128 contiguous bytes of each 256-byte group (two
+    /// passes per block instead of eight) and the weights stream from memory
+    /// more sequentially; 8 accumulators, as [`block`] has at 4 activations.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn block1(x: &[u8], n: usize, w: Block64, out: &mut [i32; BLOCK_ROWS]) {
+        const ROWS: usize = 32;
+        let mut acc = [[_mm256_setzero_si256(); 8]; BLOCK_ROWS / ROWS];
+        let mut x16 = [0i16; CHUNK];
+        let wp = w.data.as_ptr();
+        let next = next_block(&w, n);
+        let mut c0 = 0;
+        while c0 < n {
+            let cols = (n - c0).min(CHUNK);
+            let groups = cols.div_ceil(4);
+            widen(&x[c0..c0 + cols], &mut x16);
+            let g0 = c0 / 4;
+            for (s, acc_s) in acc.iter_mut().enumerate() {
+                let mut a = *acc_s;
+                for g in 0..groups {
+                    let at = (g0 + g) * BLOCK_GROUP + s * ROWS * 4;
+                    if let Some(next) = next {
+                        crate::mem::prefetch_line(next.wrapping_add(at));
+                        crate::mem::prefetch_line(next.wrapping_add(at + 64));
+                    }
+                    // SAFETY: 4g + 4 ≤ groups · 4 ≤ CHUNK values of x16;
+                    // unaligned 8-byte read.
+                    let q = unsafe { (x16.as_ptr().add(4 * g) as *const i64).read_unaligned() };
+                    let xq = _mm256_set1_epi64x(q);
+                    for (r, acc_r) in a.iter_mut().enumerate() {
+                        // SAFETY: group g0 + g < n.div_ceil(4) lies inside
+                        // w.data (the caller's precondition); 16 of this
+                        // slice's 128 bytes of it, an unaligned load.
+                        let wv = unsafe {
+                            _mm256_cvtepi8_epi16(_mm_loadu_si128(
+                                wp.add(at + 16 * r) as *const __m128i
+                            ))
+                        };
+                        *acc_r = _mm256_add_epi32(*acc_r, _mm256_madd_epi16(wv, xq));
+                    }
+                }
+                *acc_s = a;
+            }
+            c0 += cols;
+        }
+        for (s, a) in acc.iter().enumerate() {
+            for j in 0..4 {
+                // [r0 r1 r4 r5 | r2 r3 r6 r7] -> rows in order.
+                let h = _mm256_hadd_epi32(a[2 * j], a[2 * j + 1]);
+                let v = _mm256_permute4x64_epi64(h, 0b11_01_10_00);
+                // SAFETY: 8 writable i32 (32 bytes) at row s · 32 + 8j ≤ 56; unaligned store.
+                unsafe {
+                    _mm256_storeu_si256(out.as_mut_ptr().add(s * ROWS + 8 * j) as *mut __m256i, v)
+                };
+            }
+        }
     }
 
     /// # Safety
@@ -582,25 +665,16 @@ mod avx2 {
         // Per slice and activation: rows 0–3 and 4–7 of the slice, each lane
         // the sum over one column pair of every group so far.
         let mut acc = [[[_mm256_setzero_si256(); 2]; B]; SLICES];
-        // The chunk's activations as i16, zero past column n (absent columns
-        // of the last group then count nothing whatever their weights).
+        // The chunk's activations as i16.
         let mut x16 = [[0i16; CHUNK]; B];
         let wp = w.data.as_ptr();
-        // The next block, when the slice holds one: each of its lines is
-        // asked for while the same line of this block is first read, a
-        // block's compute time before it is needed (the groups' 256-byte
-        // stride is one the hardware prefetcher picks up late).
-        let stride = n.div_ceil(4) * BLOCK_GROUP;
-        let next = (w.data.len() >= 2 * stride).then(|| wp.wrapping_add(stride));
+        let next = next_block(&w, n);
         let mut c0 = 0;
         while c0 < n {
             let cols = (n - c0).min(CHUNK);
             let groups = cols.div_ceil(4);
             for (d, x) in x16.iter_mut().zip(xs) {
-                for (d, &v) in d.iter_mut().zip(&x[c0..c0 + cols]) {
-                    *d = v as i16;
-                }
-                d[cols..groups * 4].fill(0);
+                widen(&x[c0..c0 + cols], d);
             }
             let g0 = c0 / 4;
             for (s, acc_s) in acc.iter_mut().enumerate() {
