@@ -25,6 +25,7 @@ use crate::dispatch::{
     Acts16, Block16Fn, Block64, Blocks, Kernels, Layout, Rows4, BLOCK_GROUP, BLOCK_ROWS,
     MAX_TILES16, TILE16_ACTS, TILE_ACTS, TILE_ROWS,
 };
+use crate::pages::Pages;
 
 const ROW_ALIGN: usize = 64;
 
@@ -43,7 +44,8 @@ pub struct PackedI8 {
     cols: usize,
     /// [`Layout::Rows`]: bytes per row; [`Layout::Blocks`]: bytes per block.
     stride: usize,
-    data: Vec<i8>,
+    /// Huge-page backed when large: a decode step streams all of it.
+    data: Pages<i8>,
     /// Padded like the rows: reads of a whole tile or block stay in bounds.
     row_sums: Vec<i32>,
     scales: Vec<f32>,
@@ -108,13 +110,13 @@ impl PackedI8 {
             ),
         };
         let mut data = match layout {
-            Layout::Rows => vec![0i8; padded * stride],
+            Layout::Rows => Pages::zeroed(padded * stride),
             // The matrix kernels read 64 columns at a time: the last block's
             // groups up to the next multiple of 64 columns must exist (they
             // meet zero activations).
             Layout::Blocks => {
                 let slack = (cols.next_multiple_of(64) / 4 - cols.div_ceil(4)) * BLOCK_GROUP;
-                vec![0i8; padded / BLOCK_ROWS * stride + slack]
+                Pages::zeroed(padded / BLOCK_ROWS * stride + slack)
             }
         };
         let mut row_sums = vec![0i32; padded];

@@ -32,6 +32,7 @@ pub mod gemv;
 pub mod generic;
 pub mod mem;
 pub mod nn;
+pub mod pages;
 pub mod quant;
 pub mod topk;
 

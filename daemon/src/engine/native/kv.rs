@@ -28,6 +28,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use ember_kernels::generic::{f32_to_f16, to_f16};
+use ember_kernels::pages::Pages;
 use ember_kernels::{mem, Kernels};
 
 use crate::engine::KvType;
@@ -155,9 +156,9 @@ pub struct Slab {
 /// The arena's values, as [`KvType`] says.
 #[derive(Debug)]
 enum Store {
-    F32(Vec<f32>),
+    F32(Pages<f32>),
     /// f16 bit patterns.
-    F16(Vec<u16>),
+    F16(Pages<u16>),
 }
 
 impl KvArena {
@@ -165,8 +166,8 @@ impl KvArena {
     pub fn new(shape: KvShape, blocks: usize, kind: KvType) -> (KvArena, Arc<BlockPool>) {
         let n = blocks * shape.block_floats();
         let data = match kind {
-            KvType::F32 => Store::F32(vec![0.0; n]),
-            KvType::F16 => Store::F16(vec![0; n]),
+            KvType::F32 => Store::F32(Pages::zeroed(n)),
+            KvType::F16 => Store::F16(Pages::zeroed(n)),
         };
         (KvArena { data, shape }, BlockPool::new(blocks))
     }
