@@ -445,7 +445,10 @@ pub(crate) fn pv_body(p: &[f32], scale: f32, vals: &[f32], out: &mut [f32]) {
     }
 }
 
-/// Columns `c..c + W·LANES` of [`pv_body`], accumulated in `W` registers.
+/// Columns `c..c + W·LANES` of [`pv_body`], accumulated in `2W` registers:
+/// even and odd value rows apart (so consecutive rows' adds do not wait on
+/// each other, which otherwise bounds a block by the add latency), summed
+/// at the end as `even + odd`.
 #[inline(always)]
 fn pv_cols<const W: usize>(
     p: &[f32],
@@ -455,19 +458,34 @@ fn pv_cols<const W: usize>(
     c: usize,
     out: &mut [f32],
 ) {
-    let mut acc = [[0f32; LANES]; W];
-    for (s, &ps) in p.iter().enumerate() {
-        let ps = ps * scale;
-        let v = &vals[s * d + c..s * d + c + W * LANES];
-        for (w, a) in acc.iter_mut().enumerate() {
+    let (mut even, mut odd) = ([[0f32; LANES]; W], [[0f32; LANES]; W]);
+    let n = W * LANES;
+    for i in 0..p.len() / 2 {
+        let (p0, p1) = (p[2 * i] * scale, p[2 * i + 1] * scale);
+        let v0 = &vals[2 * i * d + c..][..n];
+        let v1 = &vals[(2 * i + 1) * d + c..][..n];
+        for w in 0..W {
             for l in 0..LANES {
-                a[l] += ps * v[w * LANES + l];
+                even[w][l] += p0 * v0[w * LANES + l];
+                odd[w][l] += p1 * v1[w * LANES + l];
             }
         }
     }
-    for (w, a) in acc.iter().enumerate() {
+    if p.len() % 2 == 1 {
+        let s = p.len() - 1;
+        let ps = p[s] * scale;
+        let v = &vals[s * d + c..][..n];
+        for w in 0..W {
+            for l in 0..LANES {
+                even[w][l] += ps * v[w * LANES + l];
+            }
+        }
+    }
+    let acc = [even, odd];
+    let out: &mut [f32] = &mut out[c..c + W * LANES];
+    for (w, o) in out.chunks_exact_mut(LANES).enumerate() {
         for l in 0..LANES {
-            out[c + w * LANES + l] += a[l];
+            o[l] += acc[0][w][l] + acc[1][w][l];
         }
     }
 }
