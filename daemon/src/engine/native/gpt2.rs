@@ -199,7 +199,7 @@ impl Gpt2 {
 
     pub fn new_work(&self, arena: KvArena, context: usize) -> Work {
         let h = self.hidden;
-        Work::new(arena, h, (3 * h).max(self.ff), self.vocab, context)
+        Work::new(arena, h, (3 * h).max(self.ff), self.vocab, context, 1)
     }
 
     /// Run one chunk of rows (at most [`MAX_ROWS`](super::ops::MAX_ROWS)) through the network,

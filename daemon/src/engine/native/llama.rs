@@ -278,7 +278,8 @@ impl Llama {
     pub fn new_work(&self, arena: KvArena, context: usize) -> Work {
         let kvd = self.heads.kv_heads * self.heads.head_dim;
         let wide = (self.hidden + 2 * kvd).max(2 * self.ff);
-        Work::new(arena, self.hidden, wide, self.vocab, context)
+        let group = self.heads.heads / self.heads.kv_heads;
+        Work::new(arena, self.hidden, wide, self.vocab, context, group)
     }
 
     /// Run one chunk of rows (at most [`MAX_ROWS`](super::ops::MAX_ROWS)) through the network,

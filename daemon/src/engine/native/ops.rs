@@ -273,8 +273,9 @@ pub struct Work {
     pub tmp: Vec<f32>,
     /// Attention output, `MAX_ROWS × hidden`.
     pub att: Vec<f32>,
-    /// Attention scratch for each of [`ATT_PARTS`] tasks: one head's scores
-    /// (`context` long), then a block's slab widened from a 16-bit cache.
+    /// Attention scratch for each of [`ATT_PARTS`] tasks: the scores of up
+    /// to [`GROUP_MAX`] heads of a group (`context` long each), then a
+    /// block's slab widened from a 16-bit cache.
     pub scores: Vec<f32>,
     pub logits: Vec<f32>,
     pub qr: QRows,
@@ -282,9 +283,18 @@ pub struct Work {
 
 impl Work {
     /// Buffers for rows of `hidden` values, projections up to `wide` values
-    /// (also the widest input a linear layer takes), `vocab` logits.
-    pub fn new(arena: KvArena, hidden: usize, wide: usize, vocab: usize, context: usize) -> Work {
-        let part = context + arena.slab_len();
+    /// (also the widest input a linear layer takes), `vocab` logits, and
+    /// attention over `context` positions by query heads in groups of
+    /// `group` sharing a KV head.
+    pub fn new(
+        arena: KvArena,
+        hidden: usize,
+        wide: usize,
+        vocab: usize,
+        context: usize,
+        group: usize,
+    ) -> Work {
+        let part = group.clamp(1, GROUP_MAX) * context + arena.slab_len();
         Work {
             scores: vec![0.0; ATT_PARTS * part],
             arena,
@@ -391,18 +401,26 @@ pub struct Heads {
     pub scale: f32,
 }
 
-/// Causal attention of one head of one query row at position `pos` over
-/// positions `0..=pos` of its sequence: `q` and `out` are the head's
-/// `head_dim` values; `scores` is scratch of at least `pos + 1`, `buf` of
-/// [`KvArena::slab_len`] (where a 16-bit cache's blocks are widened).
+/// Most query heads [`attend_group`] takes at once (a larger group goes in
+/// several calls).
+pub const GROUP_MAX: usize = 16;
+
+/// Causal attention of consecutive query heads that share KV head `kvh`,
+/// for one query row at position `pos` over positions `0..=pos` of its
+/// sequence: `q` and `out` hold the heads' `head_dim` values one after
+/// another (at most [`GROUP_MAX`] heads). Each block of keys and values is
+/// read (and widened from a 16-bit cache) once for all of them, then stays
+/// in L1 for the group's other heads. `scores` is scratch of the heads'
+/// count times at least `pos + 1`, `buf` of [`KvArena::slab_len`]. Every
+/// head's arithmetic is the same as alone.
 #[allow(clippy::too_many_arguments)]
-pub fn attend_head(
+pub fn attend_group(
     k: &Kernels,
     arena: &KvArena,
     seq: &SeqBlocks,
     layer: usize,
     h: Heads,
-    head: usize,
+    kvh: usize,
     q: &[f32],
     pos: usize,
     scores: &mut [f32],
@@ -410,10 +428,15 @@ pub fn attend_head(
     out: &mut [f32],
 ) {
     let hd = h.head_dim;
-    let kvh = head / (h.heads / h.kv_heads);
+    let g = q.len() / hd;
+    assert!(
+        (1..=GROUP_MAX).contains(&g) && q.len() == g * hd && out.len() == q.len(),
+        "1 to GROUP_MAX heads of head_dim values"
+    );
     let n = pos + 1;
+    let row = scores.len() / g;
+    assert!(row >= n, "scores shorter than the context");
     let slab = arena.slab_len();
-    let scores = &mut scores[..n];
     let blocks = &seq.table[..n.div_ceil(BLOCK)];
     let keys = |block| Slab {
         block,
@@ -433,9 +456,14 @@ pub fn attend_head(
             None => arena.prefetch(values(blocks[0]), slab),
         }
         let keys = arena.read(k, keys(block), slab, buf);
-        (k.qk_f32)(q, keys, h.scale, &mut scores[b * BLOCK..b * BLOCK + m]);
+        for (qh, s) in q.chunks_exact(hd).zip(scores.chunks_exact_mut(row)) {
+            (k.qk_f32)(qh, keys, h.scale, &mut s[b * BLOCK..b * BLOCK + m]);
+        }
     }
-    let inv = 1.0 / (k.softmax_f32)(scores);
+    let mut inv = [0f32; GROUP_MAX];
+    for (i, s) in inv.iter_mut().zip(scores.chunks_exact_mut(row)) {
+        *i = 1.0 / (k.softmax_f32)(&mut s[..n]);
+    }
     out.fill(0.0);
     for (b, &block) in blocks.iter().enumerate() {
         let m = (n - b * BLOCK).min(BLOCK);
@@ -444,7 +472,13 @@ pub fn attend_head(
             arena.prefetch(values(next), m * hd);
         }
         let vals = arena.read(k, values(block), m * hd, buf);
-        (k.pv_f32)(&scores[b * BLOCK..b * BLOCK + m], inv, vals, out);
+        for ((o, s), &inv) in out
+            .chunks_exact_mut(hd)
+            .zip(scores.chunks_exact(row))
+            .zip(&inv)
+        {
+            (k.pv_f32)(&s[b * BLOCK..b * BLOCK + m], inv, vals, o);
+        }
     }
 }
 
@@ -477,9 +511,11 @@ const ATT_PAR_MIN: usize = 1 << 16;
 
 /// Causal attention for every row of a chunk over its own sequence: row
 /// `r`'s query is `q[r * stride..]` (`heads × head_dim` values), its output
-/// `out[r * heads · head_dim..]`. The (row, head) pairs are split over the
-/// pool's threads in contiguous runs, each with its own slice of `scores`
-/// (`ATT_PARTS` rows of the context).
+/// `out[r * heads · head_dim..]`. The work is cut in units of consecutive
+/// query heads sharing a KV head ([`attend_group`]), a whole group each
+/// unless there would be too few units for the pool's threads; the units
+/// are split over the threads in contiguous runs, each with its own slice
+/// of `scores` (`ATT_PARTS` parts).
 #[allow(clippy::too_many_arguments)]
 pub fn attend_rows(
     k: &Kernels,
@@ -494,38 +530,72 @@ pub fn attend_rows(
     out: &mut [f32],
     par: &dyn Parallel,
 ) {
-    let (hd, units) = (h.head_dim, rows.len() * h.heads);
-    let products: usize = rows.iter().map(|r| r.pos + 1).sum::<usize>() * h.heads * hd;
-    let parts = if products >= ATT_PAR_MIN {
-        par.threads().clamp(1, ATT_PARTS.min(units))
+    let products: usize = rows.iter().map(|r| r.pos + 1).sum::<usize>() * h.heads * h.head_dim;
+    let threads = if products >= ATT_PAR_MIN {
+        par.threads().max(1)
     } else {
         1
     };
-    let per = units.div_ceil(parts).max(1);
-    let outs = split_parts(&mut out[..units * hd], per * hd);
+    let hd = h.head_dim;
+    let group = h.heads / h.kv_heads;
+    // Units per group: enough for two per thread where the rows and groups
+    // alone are fewer, and at most GROUP_MAX heads each.
+    let groups = rows.len() * h.kv_heads;
+    let wanted = if threads > 1 {
+        (2 * threads).div_ceil(groups)
+    } else {
+        1
+    };
+    let cuts = wanted.max(group.div_ceil(GROUP_MAX)).clamp(1, group);
+    let per_unit = group.div_ceil(cuts);
+    let cuts = group.div_ceil(per_unit);
+    let units = groups * cuts;
+    // Unit u: its first head (over the whole chunk, row-major) and count.
+    let unit = |u: usize| {
+        let (rg, c) = (u / cuts, u % cuts);
+        let first = rg * group + c * per_unit;
+        (first, per_unit.min(group - c * per_unit))
+    };
+    let parts = threads.clamp(1, ATT_PARTS.min(units));
+    let per = units.div_ceil(parts);
+    let mut outs: heapless::Vec<Mutex<&mut [f32]>, MAX_PARTS> = heapless::Vec::new();
+    let mut rest = &mut out[..rows.len() * h.heads * hd];
+    for p in 0..units.div_ceil(per) {
+        let last = ((p + 1) * per).min(units) - 1;
+        let (first, _) = unit(p * per);
+        let (l0, ln) = unit(last);
+        let (mine, tail) = std::mem::take(&mut rest).split_at_mut((l0 + ln - first) * hd);
+        rest = tail;
+        outs.push(Mutex::new(mine))
+            .expect("at most ATT_PARTS parts");
+    }
     let part = scores.len() / ATT_PARTS;
     let scratch = split_parts(scores, part);
-    let context = part - arena.slab_len();
+    let slab = arena.slab_len();
     par.run(outs.len(), &|p| {
         let mut o = outs[p].lock().unwrap_or_else(|e| e.into_inner());
         let mut s = scratch[p].lock().unwrap_or_else(|e| e.into_inner());
-        let (s, buf) = s.split_at_mut(context);
-        for (u, o) in (p * per..).zip(o.chunks_mut(hd)) {
-            let (r, head) = (u / h.heads, u % h.heads);
+        let (s, buf) = s.split_at_mut(part - slab);
+        let base = unit(p * per).0;
+        for u in p * per..((p + 1) * per).min(units) {
+            let (first, count) = unit(u);
+            let (r, head) = (first / h.heads, first % h.heads);
             let row = &rows[r];
-            let qh = &q[r * stride + head * hd..][..hd];
-            attend_head(
+            let qh = &q[r * stride + head * hd..][..count * hd];
+            let oh = &mut o[(first - base) * hd..][..count * hd];
+            let context = s.len() / count;
+            attend_group(
                 k,
                 arena,
                 jobs[row.job].blocks,
                 layer,
                 h,
-                head,
+                head / group,
                 qh,
                 row.pos,
-                s,
+                &mut s[..count * context],
                 buf,
-                o,
+                oh,
             );
         }
     });
@@ -542,4 +612,140 @@ pub fn split_parts(buf: &mut [f32], size: usize) -> heapless::Vec<Mutex<&mut [f3
         v.push(Mutex::new(c)).expect("at most MAX_PARTS parts");
     }
     v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::native::kv::KvShape;
+    use crate::engine::KvType;
+
+    /// Runs tasks one after another but claims `n` threads, so
+    /// [`attend_rows`] cuts its work as it would for a pool.
+    struct Claims(usize);
+
+    impl Parallel for Claims {
+        fn threads(&self) -> usize {
+            self.0
+        }
+        fn run(&self, n: usize, task: &(dyn Fn(usize) + Sync)) {
+            (0..n).rev().for_each(task)
+        }
+    }
+
+    /// Grouped-query attention cut into units for threads (whole groups,
+    /// groups split in two, groups above GROUP_MAX) gives every head the
+    /// bits it gets alone on one thread.
+    #[test]
+    fn attention_units_change_nothing() {
+        let k = ember_kernels::kernels();
+        for (heads, kv_heads, rows) in [(9, 3, 1), (4, 2, 1), (6, 1, 2), (40, 2, 1), (4, 4, 3)] {
+            // Long enough for ATT_PAR_MIN products, so the work is cut.
+            let (hd, len) = (16, 64 * BLOCK + 5);
+            assert!(len * heads * hd >= ATT_PAR_MIN);
+            let shape = KvShape {
+                layers: 1,
+                kv_heads,
+                head_dim: hd,
+            };
+            let h = Heads {
+                heads,
+                kv_heads,
+                head_dim: hd,
+                scale: 0.3,
+            };
+            let (mut arena, pool) = KvArena::new(shape, 65 * rows, KvType::F32);
+            let value = |i: usize| ((i * 7919) % 263) as f32 / 131.0 - 1.0;
+            let mut seqs = vec![];
+            for s in 0..rows {
+                let mut b = SeqBlocks::new(&pool, len);
+                b.reserve(len).unwrap();
+                for pos in 0..len {
+                    let at = (s * len + pos) * 2 * kv_heads * hd;
+                    let kv: Vec<f32> = (at..at + 2 * kv_heads * hd).map(value).collect();
+                    let (keys, vals) = kv.split_at(kv_heads * hd);
+                    store_kv(&mut arena, &b, pos, 0, h, keys, vals);
+                }
+                seqs.push(b);
+            }
+            let mut outs: Vec<Vec<f32>> = vec![vec![]; rows];
+            let jobs: Vec<Job<'_>> = seqs
+                .iter()
+                .zip(&mut outs)
+                .map(|(b, out)| Job {
+                    blocks: b,
+                    past: len - 1,
+                    tokens: &[0],
+                    all: false,
+                    out,
+                })
+                .collect();
+            let rs: Vec<Row> = (0..rows)
+                .map(|r| Row {
+                    job: r,
+                    pos: len - 1 - r,
+                    token: 0,
+                    t: 0,
+                    want: true,
+                })
+                .collect();
+            let q: Vec<f32> = (0..rows * heads * hd).map(|i| value(i + 5)).collect();
+            let group = heads / kv_heads;
+            let part = group.min(GROUP_MAX) * len + arena.slab_len();
+            let run = |threads: usize| {
+                let mut scores = vec![0.0; ATT_PARTS * part];
+                let mut out = vec![0.0; rows * heads * hd];
+                attend_rows(
+                    k,
+                    &arena,
+                    &rs,
+                    &jobs,
+                    0,
+                    h,
+                    &q,
+                    heads * hd,
+                    &mut scores,
+                    &mut out,
+                    &Claims(threads),
+                );
+                out
+            };
+            let one = run(1);
+            assert!(one.iter().all(|v| v.is_finite()) && one.iter().any(|&v| v != 0.0));
+            for threads in [2, 3, 8] {
+                assert!(
+                    run(threads) == one,
+                    "{heads} heads, {kv_heads} KV heads, {rows} rows, {threads} threads"
+                );
+            }
+            // Each head against the plain one-head formula.
+            for (r, row) in rs.iter().enumerate() {
+                for head in 0..heads {
+                    let qh = &q[(r * heads + head) * hd..][..hd];
+                    let kvh = head / group;
+                    let n = row.pos + 1;
+                    let at = |pos: usize| (r * len + pos) * 2 * kv_heads * hd;
+                    let scores: Vec<f32> = (0..n)
+                        .map(|p| {
+                            let key = (at(p) + kvh * hd..at(p) + (kvh + 1) * hd).map(value);
+                            qh.iter().zip(key).map(|(a, b)| a * b).sum::<f32>() * h.scale
+                        })
+                        .collect();
+                    let max = scores.iter().cloned().fold(f32::MIN, f32::max);
+                    let e: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
+                    let sum: f32 = e.iter().sum();
+                    for d in 0..hd {
+                        let want: f32 = (0..n)
+                            .map(|p| e[p] / sum * value(at(p) + (kv_heads + kvh) * hd + d))
+                            .sum();
+                        let got = one[(r * heads + head) * hd + d];
+                        assert!(
+                            (got - want).abs() < 1e-4,
+                            "head {head} dim {d}: {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
 }
