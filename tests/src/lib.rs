@@ -274,6 +274,29 @@ impl Daemon {
         std::fs::read_to_string(self.dir.path().join("emberd.log")).unwrap_or_default()
     }
 
+    /// Poll `/health` until model `model`'s entry satisfies `f`, failing
+    /// with `what` and the last reply after `secs` seconds.
+    pub fn wait_health(
+        &self,
+        model: &str,
+        what: &str,
+        secs: u64,
+        f: impl Fn(&serde_json::Value) -> bool,
+    ) {
+        let t0 = std::time::Instant::now();
+        loop {
+            let h = self.get("/health").json();
+            if f(&h["models"][model]) {
+                return;
+            }
+            assert!(
+                t0.elapsed() < std::time::Duration::from_secs(secs),
+                "waiting for {what}: {h}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     /// GET `path`.
     pub fn get(&self, path: &str) -> Reply {
         curl(&self.socket, "GET", path, None, &[])

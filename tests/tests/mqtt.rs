@@ -312,18 +312,9 @@ fn bad_payloads_get_error_replies_duplicates_one_answer_and_cancel_works() {
         broker.port,
         &["-V", "mqttv5", "-t", "ember/dev3/cancel", "-m", "long-1"],
     );
-    let t0 = Instant::now();
-    loop {
-        let h = d.get("/health").json();
-        if h["models"]["kjv-lstm"]["active"] == 0 {
-            break;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "cancel did not free the slot: {h}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    d.wait_health("kjv-lstm", "cancel to free the slot", 10, |m| {
+        m["active"] == 0
+    });
     while c.recv(1).is_some() {} // chunks already in flight
                                  // Still serving.
     c.request("ember/dev3/generate", &req, "replies/bad", "after");
@@ -608,11 +599,9 @@ fn a_request_that_expires_in_the_queue_is_dropped_and_a_crash_leaves_the_will() 
     let long =
         json!({"model": "kjv-lstm", "prompt": "And", "max_tokens": 1_000_000, "ignore_eos": true});
     c.request("ember/dev6/generate", &long, "replies/expiry", "long");
-    let t0 = Instant::now();
-    while d.get("/health").json()["models"]["kjv-lstm"]["active"] != 1 {
-        assert!(t0.elapsed() < Duration::from_secs(10));
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    d.wait_health("kjv-lstm", "the long request running", 10, |m| {
+        m["active"] == 1
+    });
     // ...so this one, valid for 1 s, waits past its expiry and is dropped.
     let props = PublishProperties {
         response_topic: Some("replies/expiry".into()),
@@ -641,14 +630,9 @@ fn a_request_that_expires_in_the_queue_is_dropped_and_a_crash_leaves_the_will() 
     let reply = c.recv(60).expect("the short request's reply").json();
     assert_eq!(reply["id"], "short", "{reply:?}");
     assert_eq!(reply["error"]["code"], "expired", "{reply:?}");
-    let t0 = Instant::now();
-    while d.get("/health").json()["models"]["kjv-lstm"]["active"] != 0 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "cancel did not free the slot"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    d.wait_health("kjv-lstm", "cancel to free the slot", 10, |m| {
+        m["active"] == 0
+    });
 
     // A crash (SIGKILL): the broker publishes the Last Will, retained.
     d.signal("KILL");

@@ -40,22 +40,6 @@ fn greedy(model: &str, prompt: &str, max_tokens: usize, stream: bool) -> String 
     .to_string()
 }
 
-/// Poll `/health` until `f(model's entry)` holds (panics after 20 s).
-fn wait_health(d: &Daemon, model: &str, what: &str, f: impl Fn(&serde_json::Value) -> bool) {
-    let t0 = Instant::now();
-    loop {
-        let h = d.get("/health").json();
-        if f(&h["models"][model]) {
-            return;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "waiting for {what}: {h}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn completions_plain_and_streamed_agree_and_report_usage() {
     let d = Daemon::start(&config(8, 8, 60.0));
@@ -247,9 +231,9 @@ fn a_full_queue_answers_429_and_a_cancelled_client_frees_its_slot() {
             .unwrap()
     };
     let mut running = spawn_curl();
-    wait_health(&d, "kjv-lstm", "one active", |m| m["active"] == 1);
+    d.wait_health("kjv-lstm", "one active", 20, |m| m["active"] == 1);
     let mut queued = spawn_curl();
-    wait_health(&d, "kjv-lstm", "one queued", |m| m["queued"] == 1);
+    d.wait_health("kjv-lstm", "one queued", 20, |m| m["queued"] == 1);
     let refused = d.post("/v1/completions", &long);
     assert_eq!(refused.status, 429, "{}", refused.body);
     assert_eq!(refused.json()["error"]["code"], "model_busy");
@@ -272,7 +256,7 @@ fn a_full_queue_answers_429_and_a_cancelled_client_frees_its_slot() {
     running.kill().unwrap();
     queued.kill().unwrap();
     let _ = (running.wait(), queued.wait());
-    wait_health(&d, "kjv-lstm", "slots freed", |m| {
+    d.wait_health("kjv-lstm", "slots freed", 20, |m| {
         m["active"] == 0 && m["queued"] == 0
     });
     let after = d.post("/v1/completions", &greedy("kjv-lstm", "And", 4, false));
@@ -452,7 +436,7 @@ fn sigterm_drains_running_requests_then_removes_the_socket() {
             &[],
         )
     });
-    wait_health(&d, "kjv-lstm", "the request running", |m| m["active"] == 1);
+    d.wait_health("kjv-lstm", "the request running", 20, |m| m["active"] == 1);
     d.signal("TERM");
     let r = h.join().unwrap();
     assert_eq!(r.status, 200, "{}", r.body);
@@ -485,7 +469,7 @@ fn sighup_reload_swaps_models_without_losing_requests() {
             })
         })
         .collect();
-    wait_health(&d, "kjv-lstm", "requests running", |m| {
+    d.wait_health("kjv-lstm", "requests running", 20, |m| {
         m["active"].as_u64() > Some(0)
     });
     // kjv-lstm's settings change (reloaded), kjv-gpt2 is removed, "second" is added.
