@@ -323,6 +323,24 @@ pub(crate) fn f16_to_f32(f: fn(&[u16], &mut [f32])) {
     );
 }
 
+/// int8 widening: all 256 values in one sweep, then random lengths around
+/// the vector widths; equal to the reference's.
+pub(crate) fn i8_to_f32(f: fn(&[i8], &mut [f32])) {
+    let all: Vec<i8> = (i8::MIN..=i8::MAX).collect();
+    let (mut a, mut b) = (vec![0f32; all.len()], vec![0f32; all.len()]);
+    f(&all, &mut a);
+    generic::i8_to_f32(&all, &mut b);
+    assert_eq!(a, b, "the sweep of all 256 values differs");
+    assert_eq!((a[0], a[255]), (-128.0, 127.0));
+    run(proptest::collection::vec(any::<i8>(), 0..80), |src| {
+        let (mut a, mut b) = (vec![0f32; src.len()], vec![0f32; src.len()]);
+        f(&src, &mut a);
+        generic::i8_to_f32(&src, &mut b);
+        prop_assert_eq!(a, b);
+        Ok(())
+    });
+}
+
 pub(crate) fn pv_f32(f: fn(&[f32], f32, &[f32], &mut [f32])) {
     run(
         (0usize..80, 0usize..20).prop_flat_map(|(d, n)| (f32s(n), f32s(d * n), f32s(d))),

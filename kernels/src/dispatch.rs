@@ -214,6 +214,8 @@ pub struct Kernels {
     pub pv_f32: fn(&[f32], f32, &[f32], &mut [f32]),
     /// Exact f16 → f32 widening of a 16-bit KV cache's blocks, see [`generic::f16_to_f32`].
     pub f16_to_f32: fn(&[u16], &mut [f32]),
+    /// Exact int8 → f32 widening of an int8 KV cache's blocks, see [`generic::i8_to_f32`].
+    pub i8_to_f32: fn(&[i8], &mut [f32]),
     /// A float product on a panel of 64 columns for 1–4 rows, see [`generic::panel_f32`].
     pub panel_f32: fn(&[&[f32]], &[f32], &mut [f32]),
     /// `DynamicQuantizeLinear`'s parameters of a tensor, see [`crate::quant::dynamic_params`].
@@ -242,6 +244,7 @@ impl Kernels {
             qk_f32: generic::qk_f32,
             pv_f32: generic::pv_f32,
             f16_to_f32: generic::f16_to_f32,
+            i8_to_f32: generic::i8_to_f32,
             panel_f32: generic::panel_f32,
             dynamic_params: crate::quant::dynamic_params,
             quantize_u8: crate::quant::quantize_u8,

@@ -254,6 +254,15 @@ pub fn check_pv(p: &[f32], vals: &[f32], out: &[f32]) {
     );
 }
 
+/// Panics unless `src` and `dst` have one length (for [`i8_to_f32`]).
+pub fn check_i8(src: &[i8], dst: &[f32]) {
+    assert_eq!(
+        src.len(),
+        dst.len(),
+        "i8 source and f32 destination differ in length"
+    );
+}
+
 /// Panics unless `src` and `dst` have one length (for [`f16_to_f32`]).
 pub fn check_f16(src: &[u16], dst: &[f32]) {
     assert_eq!(
@@ -394,6 +403,24 @@ pub fn f16_to_f32(src: &[u16], dst: &mut [f32]) {
 pub(crate) fn f16_to_f32_body(src: &[u16], dst: &mut [f32]) {
     for (d, &s) in dst.iter_mut().zip(src) {
         *d = half::f16::from_bits(s).to_f32();
+    }
+}
+
+/// Widen int8 values to f32, exactly. An int8 KV cache reads its blocks
+/// through this (its per-position scales are applied to the scores and the
+/// weights instead), so attention then runs the f32 kernels on the same
+/// values on every ISA.
+pub fn i8_to_f32(src: &[i8], dst: &mut [f32]) {
+    check_i8(src, dst);
+    i8_to_f32_body(src, dst)
+}
+
+/// The body of [`i8_to_f32`], also the ISA copies' whole (LLVM vectorizes
+/// it for each target feature set).
+#[inline(always)]
+pub(crate) fn i8_to_f32_body(src: &[i8], dst: &mut [f32]) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = s as f32;
     }
 }
 

@@ -10,7 +10,7 @@
 ///           pub fn NAME = IMPL, isa = "what it needs", when = PREDICATE; }
 /// ```
 ///
-/// The kind (`dot_u8i8`, `dot_i8i8`, `tile_u8i8`, `block_u8i8`, `block16_u8i8`, `qk_f32`, `pv_f32`, `f16_to_f32`, `panel_f32`, `dynamic_params`, `quantize_u8`, `act_f32`,
+/// The kind (`dot_u8i8`, `dot_i8i8`, `tile_u8i8`, `block_u8i8`, `block16_u8i8`, `qk_f32`, `pv_f32`, `f16_to_f32`, `i8_to_f32`, `panel_f32`, `dynamic_params`, `quantize_u8`, `act_f32`,
 /// `softmax_f32`, `lstm_cell_f32`) picks the signature, the
 /// precondition check from [`crate::generic`] and the property test from
 /// `crate::check`. The generated `NAME` asserts the preconditions and the CPU
@@ -120,6 +120,18 @@ macro_rules! kernel {
             unsafe { $imp(src, dst) }
         }
         kernel!(@test $name, $pred, f16_to_f32);
+    };
+    (i8_to_f32: $(#[$doc:meta])* pub fn $name:ident = $imp:path, isa = $isa:expr, when = $pred:expr;) => {
+        $(#[$doc])*
+        pub fn $name(src: &[i8], dst: &mut [f32]) {
+            crate::generic::check_i8(src, dst);
+            assert!($pred, concat!(stringify!($name), " needs a CPU with ", $isa));
+            // SAFETY: the CPU features `$imp` needs were checked just above, and
+            // `check_i8` proved `src` and `dst` equally long: `$imp` reads and
+            // writes no further.
+            unsafe { $imp(src, dst) }
+        }
+        kernel!(@test $name, $pred, i8_to_f32);
     };
     (panel_f32: $(#[$doc:meta])* pub fn $name:ident = $imp:path, isa = $isa:expr, when = $pred:expr;) => {
         $(#[$doc])*

@@ -63,6 +63,7 @@ pub(crate) fn plug(k: &mut Kernels, limit: Isa) {
         k.layout = Layout::Blocks;
         if has_f16c() {
             k.f16_to_f32 = f16_to_f32_f16c;
+            k.i8_to_f32 = i8_to_f32_avx2;
         }
     }
     if limit.allows(Isa::Avx512Vnni) && has_avx512vnni() {
@@ -75,6 +76,7 @@ pub(crate) fn plug(k: &mut Kernels, limit: Isa) {
         k.qk_f32 = qk_f32_avx512;
         k.pv_f32 = pv_f32_avx512;
         k.f16_to_f32 = f16_to_f32_avx512;
+        k.i8_to_f32 = i8_to_f32_avx512;
         k.panel_f32 = panel_f32_avx512;
         k.dynamic_params = dynamic_params_avx512;
         k.quantize_u8 = quantize_u8_avx512;
@@ -170,6 +172,16 @@ kernel! { f16_to_f32:
     pub fn f16_to_f32_avx512 = float::f16_to_f32_avx512, isa = "AVX-512 F, BW and VNNI", when = has_avx512vnni();
 }
 
+kernel! { i8_to_f32:
+    /// int8 widening with AVX2: eight values per `vpmovsxbd` and `vcvtdq2ps`.
+    pub fn i8_to_f32_avx2 = float::i8_to_f32_avx2, isa = "AVX2 and FMA", when = has_avx2();
+}
+
+kernel! { i8_to_f32:
+    /// int8 widening with AVX-512 F: sixteen values per `vpmovsxbd` and `vcvtdq2ps`.
+    pub fn i8_to_f32_avx512 = float::i8_to_f32_avx512, isa = "AVX-512 F, BW and VNNI", when = has_avx512vnni();
+}
+
 kernel! { lstm_cell_f32:
     /// The LSTM cell with 256-bit vectors, eight units at a time.
     pub fn lstm_cell_f32_avx2 = float::lstm_cell_avx2, isa = "AVX2 and FMA", when = has_avx2();
@@ -184,7 +196,7 @@ kernel! { lstm_cell_f32:
 /// vectors. No FMA contraction happens (Rust does not fuse `a * b + c`), so
 /// results equal the reference bit for bit.
 mod float {
-    use crate::generic::{f16_to_f32_body, panel_rows, pv_body, qk_body};
+    use crate::generic::{f16_to_f32_body, i8_to_f32_body, panel_rows, pv_body, qk_body};
     use crate::nn::{act_body, lstm_cell_body, softmax_body, Act};
 
     /// # Safety
@@ -304,6 +316,20 @@ mod float {
             }
         }
         f16_to_f32_body(&src[n..], &mut dst[n..])
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn i8_to_f32_avx2(src: &[i8], dst: &mut [f32]) {
+        i8_to_f32_body(src, dst)
+    }
+
+    /// # Safety
+    /// The CPU must support AVX-512 F, BW and VNNI.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn i8_to_f32_avx512(src: &[i8], dst: &mut [f32]) {
+        i8_to_f32_body(src, dst)
     }
 
     /// # Safety
