@@ -40,9 +40,9 @@ summary() {
 }
 fail=0
 # kjv-gpt2 on the native int8 engine (forced: a load that fell back to tract
-# would fail instead of passing unnoticed), also with a 16-bit KV cache (one
-# prompt: the f16 widening kernel), kjv-lstm on each engine.
-for case in kjv-gpt2:native:f32:3 kjv-gpt2:native:f16:1 kjv-lstm:native:f32:3 kjv-lstm:tract:f32:3; do
+# would fail instead of passing unnoticed), also with a 16-bit and an 8-bit
+# KV cache (one prompt each: the widening kernels), kjv-lstm on each engine.
+for case in kjv-gpt2:native:f32:3 kjv-gpt2:native:f16:1 kjv-gpt2:native:i8:1 kjv-lstm:native:f32:3 kjv-lstm:tract:f32:3; do
     IFS=: read -r model backend kv prompts <<< "$case"
     all=("And God said" "In the beginning God created" "起初，神创造天地。")
     for prompt in "${all[@]:0:$prompts}"; do

@@ -135,7 +135,8 @@ pub struct ModelArgs {
     #[arg(long)]
     pub quantize_fp32: bool,
     /// How the native engine's KV cache stores keys and values: f16 halves
-    /// its memory and what attention reads, for a small change in logits.
+    /// its memory and what attention reads, i8 quarters them, each for a
+    /// small change in logits.
     #[arg(long, value_enum, default_value_t = KvType::F32)]
     pub kv_cache: KvType,
 }

@@ -22,7 +22,7 @@
 //! max_batch = 8              # sequences decoded together (bounds KV memory)
 //! backend = "auto"           # "native" (int8 engine) when it recognises the graph, else "tract"
 //! quantize_fp32 = false      # let the native engine quantize fp32 weights per row
-//! kv_cache = "f32"           # native KV cache: "f16" halves its memory and attention's reads
+//! kv_cache = "f32"           # native KV cache: "f16" halves its memory and attention's reads, "i8" quarters them
 //! max_queue = 32             # requests waiting; more get "busy" (HTTP 429)
 //! max_tokens = 128           # default when a request says nothing
 //! max_tokens_limit = 1024    # most a request may ask for

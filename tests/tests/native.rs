@@ -117,19 +117,20 @@ fn native_greedy_equals_tract() {
     }
 }
 
-/// With a 16-bit KV cache, on the same prompts, the native engine is fed
-/// tract's 32 greedy tokens: its logits stay within 0.15 of tract's, and it
-/// picks tract's token wherever tract's best two are further apart than
-/// twice that (a near tie may go either way, as it may between any two
-/// runtimes). On the trained demo model only: the random-weight test Llama
-/// amplifies any rounding of its keys (its logits move by up to ~1 on a
-/// scale of ±40 when its f32 cache merely holds f16-rounded values), so it
-/// measures the model, not the cache.
+/// With a 16-bit or an 8-bit KV cache, on the same prompts, the native
+/// engine is fed tract's 32 greedy tokens: its logits stay within 0.15 of
+/// tract's, and it picks tract's token wherever tract's best two are
+/// further apart than twice that (a near tie may go either way, as it may
+/// between any two runtimes).
+/// On the trained demo model only: the random-weight test Llama amplifies
+/// any rounding of its keys (its logits move by up to ~1 on a scale of ±40
+/// when its f32 cache merely holds f16-rounded values), so it measures the
+/// model, not the cache.
 #[test]
-fn native_f16_kv_cache_follows_tract() {
+fn native_16_and_8_bit_kv_caches_follow_tract() {
     const TOLERANCE: f32 = 0.15;
-    for name in ["kjv-gpt2"] {
-        let n = load_kv(name, BackendChoice::Native, 1, KvType::F16);
+    for (name, kv) in [("kjv-gpt2", KvType::F16), ("kjv-gpt2", KvType::I8)] {
+        let n = load_kv(name, BackendChoice::Native, 1, kv);
         let t = load(name, BackendChoice::Tract, 1);
         let (mut worst, mut ties) = (0f32, 0);
         for p in &prompts(&n, name) {
@@ -151,8 +152,10 @@ fn native_f16_kv_cache_follows_tract() {
                 }
             }
         }
-        eprintln!("{name} (f16 KV): worst logit difference vs tract {worst:.2e}, {ties} near ties");
-        assert!(worst < TOLERANCE, "{name}: logits differ by {worst}");
+        eprintln!(
+            "{name} ({kv:?} KV): worst logit difference vs tract {worst:.2e}, {ties} near ties"
+        );
+        assert!(worst < TOLERANCE, "{name} {kv:?}: logits differ by {worst}");
     }
 }
 
@@ -204,9 +207,16 @@ fn native_batch_invariance() {
     for name in ["kjv-gpt2", "tiny-llama-gqa-int8", "kjv-lstm"] {
         batch_invariance(load(name, BackendChoice::Native, 8), name);
     }
-    for name in ["kjv-gpt2", "tiny-llama-gqa-int8"] {
-        let m = load_kv(name, BackendChoice::Native, 8, KvType::F16);
-        batch_invariance(m, &format!("{name} f16 KV"));
+    // The random-weight Llama fails the load probe with an int8 cache (its
+    // logits move 5.5 % of their range, the probe allows 5 %): that cache
+    // is checked on GPT-2 here, and on GQA shapes by attend_rows' unit test.
+    for (name, kv) in [
+        ("kjv-gpt2", KvType::F16),
+        ("tiny-llama-gqa-int8", KvType::F16),
+        ("kjv-gpt2", KvType::I8),
+    ] {
+        let m = load_kv(name, BackendChoice::Native, 8, kv);
+        batch_invariance(m, &format!("{name} {kv:?} KV"));
     }
     // The LSTM quantized at load: each sequence's hidden state is quantized
     // on its own, so batching changes nothing there either.
@@ -483,6 +493,7 @@ fn native_perplexity_within_one_percent_of_tract() {
     for (name, quantize_fp32, kv_cache) in [
         ("kjv-gpt2", false, KvType::F32),
         ("kjv-gpt2", false, KvType::F16),
+        ("kjv-gpt2", false, KvType::I8),
         ("kjv-lstm", false, KvType::F32),
         ("kjv-lstm", true, KvType::F32),
     ] {

@@ -121,6 +121,12 @@ pub enum KvType {
     /// sequences), for a small change in logits. Widened exactly to f32 for
     /// the attention kernels, so every ISA computes the same values.
     F16,
+    /// Symmetric int8 with one f32 scale per position and KV head: a
+    /// quarter of the f32 memory (plus 1/16 for the scales at head
+    /// dimension 64) and of what attention reads per step, for a larger
+    /// change in logits than f16. Widened to f32 for the attention kernels,
+    /// so every ISA computes the same values.
+    I8,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

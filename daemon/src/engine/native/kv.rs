@@ -22,7 +22,11 @@
 //! even, the same bits on every machine) and widened exactly into a scratch
 //! slab when read, so the attention kernels stay f32. That halves the memory
 //! and the bytes a step of long sequences reads, which is what limits a
-//! batch on small models.
+//! batch on small models. With `kv_cache = "i8"` each head's keys or values
+//! at a position are int8 with one f32 scale (`max |x| / 127`), quantized
+//! once when written (scalar, so every machine stores the same bytes) and
+//! widened into the scratch slab when read: a quarter of the f32 bytes plus
+//! the scales.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -35,6 +39,10 @@ use crate::engine::KvType;
 
 /// Positions per block: what the score kernel takes at once.
 pub const BLOCK: usize = ember_kernels::generic::KEY_BLOCK;
+
+/// Widest attention head an int8 cache takes (it quantizes a head's row on
+/// the stack); the models recognised are checked against it at load.
+pub const MAX_HEAD_DIM: usize = 512;
 
 /// What one block holds.
 #[derive(Debug, Clone, Copy)]
@@ -159,6 +167,30 @@ enum Store {
     F32(Pages<f32>),
     /// f16 bit patterns.
     F16(Pages<u16>),
+    /// Symmetric int8, one scale per position of each slab (a head's keys or
+    /// values at one position): `scale[slab · BLOCK + position]`.
+    I8 {
+        q: Pages<i8>,
+        scale: Pages<f32>,
+    },
+}
+
+/// `x` (one head's keys or values at one position) as int8 with one scale:
+/// `max |x| / 127`, each value rounded half away from zero. Scalar, so every
+/// machine stores the same bytes; a NaN is stored as 0, an infinity
+/// saturates (at 1e38).
+fn quantize_i8(x: &[f32], q: &mut [i8]) -> f32 {
+    // 1e38, not f32::MAX: 127 times the scale must stay finite when read.
+    let max = x.iter().fold(0f32, |m, v| m.max(v.abs())).min(1e38);
+    let scale = max / 127.0;
+    if scale == 0.0 {
+        q.fill(0);
+        return 0.0;
+    }
+    for (q, &v) in q.iter_mut().zip(x) {
+        *q = (v / scale).round().clamp(-127.0, 127.0) as i8;
+    }
+    scale
 }
 
 impl KvArena {
@@ -168,6 +200,10 @@ impl KvArena {
         let data = match kind {
             KvType::F32 => Store::F32(Pages::zeroed(n)),
             KvType::F16 => Store::F16(Pages::zeroed(n)),
+            KvType::I8 => Store::I8 {
+                q: Pages::zeroed(n),
+                scale: Pages::zeroed(n / shape.head_dim),
+            },
         };
         (KvArena { data, shape }, BlockPool::new(blocks))
     }
@@ -177,6 +213,7 @@ impl KvArena {
         match &self.data {
             Store::F32(v) => v.len() * 4,
             Store::F16(v) => v.len() * 2,
+            Store::I8 { q, scale } => q.len() + scale.len() * 4,
         }
     }
 
@@ -197,16 +234,54 @@ impl KvArena {
     }
 
     /// The first `len` values of a slab, as f32: the cache itself, or
-    /// widened into `buf` (at least `len` long) from f16.
-    pub fn read<'a>(&'a self, k: &Kernels, s: Slab, len: usize, buf: &'a mut [f32]) -> &'a [f32] {
+    /// widened into `buf` (at least `len` long) from f16 or int8. An int8
+    /// slab comes with its [`BLOCK`] per-position scales, which the caller
+    /// applies: to each position's score (keys) or weight (values).
+    pub fn read<'a>(
+        &'a self,
+        k: &Kernels,
+        s: Slab,
+        len: usize,
+        buf: &'a mut [f32],
+    ) -> (&'a [f32], Option<&'a [f32; BLOCK]>) {
         let at = self.at(s);
         match &self.data {
-            Store::F32(v) => &v[at..at + len],
+            Store::F32(v) => (&v[at..at + len], None),
             Store::F16(v) => {
                 (k.f16_to_f32)(&v[at..at + len], &mut buf[..len]);
-                &buf[..len]
+                (&buf[..len], None)
+            }
+            Store::I8 { q, scale } => {
+                (k.i8_to_f32)(&q[at..at + len], &mut buf[..len]);
+                let sc = scale[at / self.shape.head_dim..][..BLOCK]
+                    .try_into()
+                    .expect("BLOCK scales");
+                (&buf[..len], Some(sc))
             }
         }
+    }
+
+    /// [`KvArena::read`] with an int8 slab's scales applied: what the cache
+    /// holds for `s`, as f32 (attention applies the scales to scores and
+    /// weights instead).
+    #[cfg(test)]
+    pub fn read_values(&self, k: &Kernels, s: Slab, len: usize) -> Vec<f32> {
+        let mut buf = vec![0.0; len];
+        let (v, sc) = self.read(k, s, len, &mut buf);
+        let mut v = v.to_vec();
+        if let Some(sc) = sc {
+            if s.value {
+                let hd = self.shape.head_dim;
+                for (row, &sc) in v.chunks_mut(hd).zip(sc) {
+                    row.iter_mut().for_each(|x| *x *= sc);
+                }
+            } else {
+                for row in v.chunks_mut(BLOCK) {
+                    row.iter_mut().zip(sc).for_each(|(x, &sc)| *x *= sc);
+                }
+            }
+        }
+        v
     }
 
     /// Hint that [`KvArena::read`] of these values comes soon: the blocks
@@ -216,6 +291,10 @@ impl KvArena {
         match &self.data {
             Store::F32(v) => mem::prefetch(&v[at..at + len]),
             Store::F16(v) => mem::prefetch(&v[at..at + len]),
+            Store::I8 { q, scale } => {
+                mem::prefetch(&q[at..at + len]);
+                mem::prefetch(&scale[at / self.shape.head_dim..][..BLOCK]);
+            }
         }
     }
 
@@ -243,6 +322,18 @@ impl KvArena {
             Store::F16(v) => {
                 for (col, &x) in v[slab].chunks_exact_mut(BLOCK).zip(x) {
                     col[p] = to_f16(x);
+                }
+            }
+            Store::I8 { q, scale } => {
+                let mut row = [0i8; MAX_HEAD_DIM];
+                let row = &mut row[..hd];
+                scale[at / hd + p] = quantize_i8(x, row);
+                if value {
+                    q[slab][p * hd..][..hd].copy_from_slice(row);
+                } else {
+                    for (col, &r) in q[slab].chunks_exact_mut(BLOCK).zip(row.iter()) {
+                        col[p] = r;
+                    }
                 }
             }
         }
@@ -358,7 +449,6 @@ mod tests {
 
     /// One head's whole slab of a block, as f32.
     fn slab(arena: &KvArena, block: u32, layer: usize, value: bool) -> Vec<f32> {
-        let mut buf = vec![0.0; arena.slab_len()];
         let k = Kernels::generic();
         let s = Slab {
             block,
@@ -366,7 +456,7 @@ mod tests {
             value,
             head: 0,
         };
-        arena.read(&k, s, arena.slab_len(), &mut buf).to_vec()
+        arena.read_values(&k, s, arena.slab_len())
     }
 
     #[test]
@@ -404,6 +494,99 @@ mod tests {
             drop(b);
             assert_eq!(pool.free_blocks(), 3);
         }
+    }
+
+    #[test]
+    fn an_i8_cache_is_a_quarter_the_size_and_keeps_each_row_to_half_a_step() {
+        let shape = KvShape {
+            layers: 2,
+            kv_heads: 2,
+            head_dim: 8,
+        };
+        let (a32, _) = KvArena::new(shape, 3, KvType::F32);
+        let (mut a8, pool) = KvArena::new(shape, 3, KvType::I8);
+        // int8 values, and one f32 scale per head_dim (8) of them.
+        assert_eq!(a8.bytes(), a32.bytes() / 4 + a32.bytes() / 8);
+        let mut s = SeqBlocks::new(&pool, 64);
+        s.reserve(BLOCK + 3).unwrap();
+        let row = |p: usize, f: f32| -> Vec<f32> {
+            (0..8)
+                .map(|d| ((p * 8 + d) as f32 * 0.77).sin() * f)
+                .collect()
+        };
+        // Rows of very different sizes side by side in one block: each has
+        // its own scale.
+        let sizes = [1e-3, 1.0, 40.0, 0.0];
+        for p in 0..BLOCK + 3 {
+            let f = sizes[p % 4];
+            a8.put(&s, p, 1, true, 1, &row(p, f));
+            a8.put(&s, p, 1, false, 1, &row(p + 100, f));
+        }
+        let k = Kernels::generic();
+        let read = |block: u32, value: bool| {
+            let sl = Slab {
+                block,
+                layer: 1,
+                value,
+                head: 1,
+            };
+            a8.read_values(&k, sl, a8.slab_len())
+        };
+        for p in 0..BLOCK + 3 {
+            let (b, i) = (s.table[p / BLOCK], p % BLOCK);
+            let (vals, keys) = (read(b, true), read(b, false));
+            for (value, want) in [
+                (true, row(p, sizes[p % 4])),
+                (false, row(p + 100, sizes[p % 4])),
+            ] {
+                let step = want.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0;
+                for (d, &w) in want.iter().enumerate() {
+                    let got = if value {
+                        vals[i * 8 + d]
+                    } else {
+                        keys[d * BLOCK + i]
+                    };
+                    assert!(
+                        (got - w).abs() <= step * 0.5 * (1.0 + 1e-5),
+                        "position {p} value {value} dim {d}: {got} vs {w}"
+                    );
+                }
+            }
+        }
+        // The row's largest value is exact to its scale's rounding; a zero
+        // row reads as zeros; the other head and layer are untouched.
+        assert!(read(s.table[0], true)[3 * 8..4 * 8]
+            .iter()
+            .all(|&v| v == 0.0));
+        let other = Slab {
+            block: s.table[0],
+            layer: 0,
+            value: true,
+            head: 1,
+        };
+        assert!(a8
+            .read_values(&k, other, a8.slab_len())
+            .iter()
+            .all(|&v| v == 0.0));
+        // Infinities saturate and a NaN is stored as 0: attention stays finite.
+        a8.put(
+            &s,
+            0,
+            0,
+            true,
+            0,
+            &[f32::INFINITY, -1.0, f32::NAN, 0.0, 0.0, 0.0, 0.0, 0.0],
+        );
+        let sl = Slab {
+            block: s.table[0],
+            layer: 0,
+            value: true,
+            head: 0,
+        };
+        let v = a8.read_values(&k, sl, 8);
+        assert!(v.iter().all(|x| x.is_finite()), "{v:?}");
+        assert_eq!(v[2], 0.0);
+        assert!(v[0] > 1e30);
     }
 
     #[test]

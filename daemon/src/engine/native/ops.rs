@@ -455,9 +455,14 @@ pub fn attend_group(
             Some(&next) => arena.prefetch(keys(next), slab),
             None => arena.prefetch(values(blocks[0]), slab),
         }
-        let keys = arena.read(k, keys(block), slab, buf);
+        let (keys, ks) = arena.read(k, keys(block), slab, buf);
         for (qh, s) in q.chunks_exact(hd).zip(scores.chunks_exact_mut(row)) {
-            (k.qk_f32)(qh, keys, h.scale, &mut s[b * BLOCK..b * BLOCK + m]);
+            let s = &mut s[b * BLOCK..b * BLOCK + m];
+            (k.qk_f32)(qh, keys, h.scale, s);
+            // An int8 cache's keys: each position's scale, on its score.
+            if let Some(ks) = ks {
+                s.iter_mut().zip(ks).for_each(|(s, &ks)| *s *= ks);
+            }
         }
     }
     let mut inv = [0f32; GROUP_MAX];
@@ -471,13 +476,24 @@ pub fn attend_group(
             let m = (n - (b + 1) * BLOCK).min(BLOCK);
             arena.prefetch(values(next), m * hd);
         }
-        let vals = arena.read(k, values(block), m * hd, buf);
+        let (vals, vs) = arena.read(k, values(block), m * hd, buf);
         for ((o, s), &inv) in out
             .chunks_exact_mut(hd)
             .zip(scores.chunks_exact(row))
             .zip(&inv)
         {
-            (k.pv_f32)(&s[b * BLOCK..b * BLOCK + m], inv, vals, o);
+            let p = &s[b * BLOCK..b * BLOCK + m];
+            match vs {
+                // An int8 cache's values: each position's scale, on its weight.
+                Some(vs) => {
+                    let mut w = [0f32; BLOCK];
+                    for ((w, &p), &v) in w.iter_mut().zip(p).zip(vs) {
+                        *w = p * v;
+                    }
+                    (k.pv_f32)(&w[..m], inv, vals, o)
+                }
+                None => (k.pv_f32)(p, inv, vals, o),
+            }
         }
     }
 }
@@ -639,7 +655,11 @@ mod tests {
     #[test]
     fn attention_units_change_nothing() {
         let k = ember_kernels::kernels();
-        for (heads, kv_heads, rows) in [(9, 3, 1), (4, 2, 1), (6, 1, 2), (40, 2, 1), (4, 4, 3)] {
+        let shapes = [(9, 3, 1), (4, 2, 1), (6, 1, 2), (40, 2, 1), (4, 4, 3)];
+        for ((heads, kv_heads, rows), kind) in shapes
+            .into_iter()
+            .flat_map(|s| [(s, KvType::F32), (s, KvType::I8)])
+        {
             // Long enough for ATT_PAR_MIN products, so the work is cut.
             let (hd, len) = (16, 64 * BLOCK + 5);
             assert!(len * heads * hd >= ATT_PAR_MIN);
@@ -654,7 +674,7 @@ mod tests {
                 head_dim: hd,
                 scale: 0.3,
             };
-            let (mut arena, pool) = KvArena::new(shape, 65 * rows, KvType::F32);
+            let (mut arena, pool) = KvArena::new(shape, 65 * rows, kind);
             let value = |i: usize| ((i * 7919) % 263) as f32 / 131.0 - 1.0;
             let mut seqs = vec![];
             for s in 0..rows {
@@ -718,7 +738,9 @@ mod tests {
                     "{heads} heads, {kv_heads} KV heads, {rows} rows, {threads} threads"
                 );
             }
-            // Each head against the plain one-head formula.
+            // Each head against the plain one-head formula (an int8 cache
+            // holds values within half a step of these).
+            let tolerance = if kind == KvType::F32 { 1e-4 } else { 2e-2 };
             for (r, row) in rs.iter().enumerate() {
                 for head in 0..heads {
                     let qh = &q[(r * heads + head) * hd..][..hd];
@@ -740,8 +762,8 @@ mod tests {
                             .sum();
                         let got = one[(r * heads + head) * hd + d];
                         assert!(
-                            (got - want).abs() < 1e-4,
-                            "head {head} dim {d}: {got} vs {want}"
+                            (got - want).abs() < tolerance,
+                            "{kind:?} head {head} dim {d}: {got} vs {want}"
                         );
                     }
                 }
