@@ -188,7 +188,10 @@ fn quantize_i8(x: &[f32], q: &mut [i8]) -> f32 {
         return 0.0;
     }
     for (q, &v) in q.iter_mut().zip(x) {
-        *q = (v / scale).round().clamp(-127.0, 127.0) as i8;
+        // Half away from zero without libm's roundf: |v / scale| ≤ 127 (to
+        // rounding), and `as` truncates toward zero and saturates.
+        let r = v / scale;
+        *q = ((r + 0.5f32.copysign(r)) as i8).max(-127);
     }
     scale
 }
