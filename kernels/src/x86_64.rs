@@ -61,9 +61,9 @@ pub(crate) fn plug(k: &mut Kernels, limit: Isa) {
         k.tile_u8i8 = tile_u8i8_avx2;
         k.block_u8i8 = block_u8i8_avx2;
         k.layout = Layout::Blocks;
+        k.i8_to_f32 = i8_to_f32_avx2;
         if has_f16c() {
             k.f16_to_f32 = f16_to_f32_f16c;
-            k.i8_to_f32 = i8_to_f32_avx2;
         }
     }
     if limit.allows(Isa::Avx512Vnni) && has_avx512vnni() {
