@@ -40,10 +40,6 @@ use crate::engine::KvType;
 /// Positions per block: what the score kernel takes at once.
 pub const BLOCK: usize = ember_kernels::generic::KEY_BLOCK;
 
-/// Widest attention head an int8 cache takes (it quantizes a head's row on
-/// the stack); the models recognised are checked against it at load.
-pub const MAX_HEAD_DIM: usize = 512;
-
 /// What one block holds.
 #[derive(Debug, Clone, Copy)]
 pub struct KvShape {
@@ -175,25 +171,24 @@ enum Store {
     },
 }
 
-/// `x` (one head's keys or values at one position) as int8 with one scale:
-/// `max |x| / 127`, each value rounded half away from zero. Scalar, so every
-/// machine stores the same bytes; a NaN is stored as 0, an infinity
-/// saturates (at 1e38).
-fn quantize_i8(x: &[f32], q: &mut [i8]) -> f32 {
-    // 1e38, not f32::MAX: 127 times the scale must stay finite when read.
-    let max = x.iter().fold(0f32, |m, v| m.max(v.abs())).min(1e38);
-    let scale = max / 127.0;
+/// The int8 scale of `x` (one head's keys or values at one position):
+/// `max |x| / 127`, with an infinity taken as 1e38 (not f32::MAX: 127 times
+/// the scale must stay finite when read). NaNs are ignored.
+fn i8_scale(x: &[f32]) -> f32 {
+    x.iter().fold(0f32, |m, v| m.max(v.abs())).min(1e38) / 127.0
+}
+
+/// One value at `scale` ([`i8_scale`] of its row), rounded half away from
+/// zero. Scalar, so every machine stores the same bytes; a NaN is stored as
+/// 0, an infinity saturates, and a zero row stores zeros.
+fn to_i8(v: f32, scale: f32) -> i8 {
     if scale == 0.0 {
-        q.fill(0);
-        return 0.0;
+        return 0;
     }
-    for (q, &v) in q.iter_mut().zip(x) {
-        // Half away from zero without libm's roundf: |v / scale| ≤ 127 (to
-        // rounding), and `as` truncates toward zero and saturates.
-        let r = v / scale;
-        *q = ((r + 0.5f32.copysign(r)) as i8).max(-127);
-    }
-    scale
+    // Half away from zero without libm's roundf: |v / scale| ≤ 127 (to
+    // rounding), and `as` truncates toward zero and saturates.
+    let r = v / scale;
+    ((r + 0.5f32.copysign(r)) as i8).max(-127)
 }
 
 impl KvArena {
@@ -328,14 +323,15 @@ impl KvArena {
                 }
             }
             Store::I8 { q, scale } => {
-                let mut row = [0i8; MAX_HEAD_DIM];
-                let row = &mut row[..hd];
-                scale[at / hd + p] = quantize_i8(x, row);
+                let s = i8_scale(x);
+                scale[at / hd + p] = s;
                 if value {
-                    q[slab][p * hd..][..hd].copy_from_slice(row);
+                    for (q, &x) in q[slab][p * hd..][..hd].iter_mut().zip(x) {
+                        *q = to_i8(x, s);
+                    }
                 } else {
-                    for (col, &r) in q[slab].chunks_exact_mut(BLOCK).zip(row.iter()) {
-                        col[p] = r;
+                    for (col, &x) in q[slab].chunks_exact_mut(BLOCK).zip(x) {
+                        col[p] = to_i8(x, s);
                     }
                 }
             }

@@ -299,13 +299,6 @@ impl NativeBackend {
         let g = graph::Graph::new(proto, &dir.root);
         let net = Net::recognize(&g, io, dir.context_length(), opts.quantize_fp32)?;
         let (shape, max_pos) = (net.kv_shape(), net.max_positions());
-        if opts.kv_cache == super::KvType::I8 && shape.head_dim > kv::MAX_HEAD_DIM {
-            return Err(format!(
-                "an int8 KV cache takes heads of at most {} values, this model's have {}",
-                kv::MAX_HEAD_DIM,
-                shape.head_dim
-            ));
-        }
         let context = dir.context_length().unwrap_or(max_pos).min(max_pos);
         let seqs = opts.max_seqs.max(1);
         let blocks = seqs * context.div_ceil(kv::BLOCK);
