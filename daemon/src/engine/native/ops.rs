@@ -599,7 +599,6 @@ pub fn attend_rows(
             let row = &rows[r];
             let qh = &q[r * stride + head * hd..][..count * hd];
             let oh = &mut o[(first - base) * hd..][..count * hd];
-            let context = s.len() / count;
             attend_group(
                 k,
                 arena,
@@ -609,7 +608,7 @@ pub fn attend_rows(
                 head / group,
                 qh,
                 row.pos,
-                &mut s[..count * context],
+                s,
                 buf,
                 oh,
             );
