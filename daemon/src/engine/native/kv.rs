@@ -282,16 +282,18 @@ impl KvArena {
         v
     }
 
-    /// Hint that [`KvArena::read`] of these values comes soon: the blocks
-    /// are scattered, so the hardware prefetcher cannot guess them.
+    /// Hint that [`KvArena::read`] of these values comes a few blocks from
+    /// now: the blocks are scattered, so the hardware prefetcher cannot
+    /// guess them. Into L2 ([`mem::prefetch_l2`]), where a slab waits
+    /// without holding L1's miss buffers.
     pub fn prefetch(&self, s: Slab, len: usize) {
         let at = self.at(s);
         match &self.data {
-            Store::F32(v) => mem::prefetch(&v[at..at + len]),
-            Store::F16(v) => mem::prefetch(&v[at..at + len]),
+            Store::F32(v) => mem::prefetch_l2(&v[at..at + len]),
+            Store::F16(v) => mem::prefetch_l2(&v[at..at + len]),
             Store::I8 { q, scale } => {
-                mem::prefetch(&q[at..at + len]);
-                mem::prefetch(&scale[at / self.shape.head_dim..][..BLOCK]);
+                mem::prefetch_l2(&q[at..at + len]);
+                mem::prefetch_l2(&scale[at / self.shape.head_dim..][..BLOCK]);
             }
         }
     }
