@@ -7,43 +7,30 @@
 /// Bytes per cache line on every CPU Ember targets.
 pub const LINE: usize = 64;
 
-/// Hint that `data` will be read soon: one prefetch per cache line into L1.
-/// A hint only: it never faults, changes no value, and is a no-op where the
-/// architecture has no instruction for it.
-#[inline]
-pub fn prefetch<T>(data: &[T]) {
-    each_line(data, hint::<false>)
-}
-
 /// Hint that `data` will be read a little later: one prefetch per cache line
 /// into L2, not L1. For reads issued several blocks ahead: on the Zen 4
 /// EPYC, KV slabs prefetched four blocks ahead into L1 (`prefetcht0`)
 /// decoded the SmolLM-135M-shaped model at 960 positions no faster than one
 /// block ahead (~78 tok/s), and into L2 (`prefetcht1`) at 89–102: L1
 /// prefetches hold the few L1 miss buffers that the loads being computed
-/// also need. Otherwise as [`prefetch`]; where the architecture has no
-/// level in its hint (armv7's `pld`), the same instruction.
+/// also need. A hint only: it never faults, changes no value, and is a
+/// no-op where the architecture has no instruction for it; where the
+/// instruction has no level (armv7's `pld`), the one it has.
 #[inline]
 pub fn prefetch_l2<T>(data: &[T]) {
-    each_line(data, hint::<true>)
-}
-
-/// `hint` on the address of every cache line of `data`.
-#[inline(always)]
-fn each_line<T>(data: &[T], hint: fn(*const u8)) {
     let bytes = std::mem::size_of_val(data);
     let base = data.as_ptr().cast::<u8>();
     let mut at = 0;
     while at < bytes {
         // `wrapping_add` stays inside (or one past) the slice: no UB even
         // for a zero-sized read, and the address is only a hint.
-        hint(base.wrapping_add(at));
+        hint::<true>(base.wrapping_add(at));
         at += LINE;
     }
 }
 
-/// Hint that the cache line holding `p` will be read soon. Any address is
-/// fine (a prefetch never faults); like [`prefetch`], a no-op where the
+/// Hint that the cache line holding `p` will be read soon, into L1. Any
+/// address is fine (a prefetch never faults); like [`prefetch_l2`], a no-op where the
 /// architecture has no instruction for it.
 #[inline(always)]
 pub fn prefetch_line<T>(p: *const T) {
@@ -89,11 +76,10 @@ mod tests {
     #[test]
     fn prefetch_takes_any_slice() {
         let v: Vec<f32> = (0..1000).map(|i| i as f32).collect();
-        super::prefetch(&v);
-        super::prefetch(&v[999..]);
-        super::prefetch::<f32>(&[]);
-        super::prefetch_l2(&v[500..]);
-        super::prefetch_l2::<u8>(&[]);
+        super::prefetch_l2(&v);
+        super::prefetch_l2(&v[999..]);
+        super::prefetch_l2::<f32>(&[]);
+        super::prefetch_line(v[500..].as_ptr());
         assert_eq!(v[999], 999.0, "a hint changes nothing");
     }
 }
