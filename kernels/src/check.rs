@@ -290,6 +290,43 @@ pub(crate) fn qk_f32(f: fn(&[f32], &[f32], f32, &mut [f32])) {
     );
 }
 
+/// Scores on int8 keys: equal to the reference, and to the f32 kernel on
+/// the keys widened first (what an int8 cache did before fusing).
+pub(crate) fn qk_i8(f: fn(&[f32], &[i8], f32, &mut [f32])) {
+    run(
+        (0usize..80, 0..=generic::KEY_BLOCK)
+            .prop_flat_map(|(d, n)| (f32s(d), i8s(d * generic::KEY_BLOCK), Just(n))),
+        |(q, keys, n)| {
+            let (mut a, mut b, mut c) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+            f(&q, &keys, 0.125, &mut a);
+            generic::qk_i8(&q, &keys, 0.125, &mut b);
+            let wide: Vec<f32> = keys.iter().map(|&k| k as f32).collect();
+            generic::qk_f32(&q, &wide, 0.125, &mut c);
+            prop_assert_eq!(&a, &b);
+            prop_assert_eq!(a, c);
+            Ok(())
+        },
+    );
+}
+
+/// The weighted sum on int8 values: equal to the reference, and to the f32
+/// kernel on the values widened first.
+pub(crate) fn pv_i8(f: fn(&[f32], f32, &[i8], &mut [f32])) {
+    run(
+        (0usize..80, 0usize..20).prop_flat_map(|(d, n)| (f32s(n), i8s(d * n), f32s(d))),
+        |(p, vals, out)| {
+            let (mut a, mut b, mut c) = (out.clone(), out.clone(), out);
+            f(&p, 0.5, &vals, &mut a);
+            generic::pv_i8(&p, 0.5, &vals, &mut b);
+            let wide: Vec<f32> = vals.iter().map(|&v| v as f32).collect();
+            generic::pv_f32(&p, 0.5, &wide, &mut c);
+            prop_assert_eq!(&a, &b);
+            prop_assert_eq!(a, c);
+            Ok(())
+        },
+    );
+}
+
 /// f16 widening: every bit pattern in one sweep, then random lengths around
 /// the vector widths; bits equal the reference's (NaNs: both NaN).
 pub(crate) fn f16_to_f32(f: fn(&[u16], &mut [f32])) {
@@ -323,22 +360,33 @@ pub(crate) fn f16_to_f32(f: fn(&[u16], &mut [f32])) {
     );
 }
 
-/// int8 widening: all 256 values in one sweep, then random lengths around
-/// the vector widths; equal to the reference's.
-pub(crate) fn i8_to_f32(f: fn(&[i8], &mut [f32])) {
-    let all: Vec<i8> = (i8::MIN..=i8::MAX).collect();
-    let (mut a, mut b) = (vec![0f32; all.len()], vec![0f32; all.len()]);
-    f(&all, &mut a);
-    generic::i8_to_f32(&all, &mut b);
-    assert_eq!(a, b, "the sweep of all 256 values differs");
-    assert_eq!((a[0], a[255]), (-128.0, 127.0));
-    run(proptest::collection::vec(any::<i8>(), 0..80), |src| {
-        let (mut a, mut b) = (vec![0f32; src.len()], vec![0f32; src.len()]);
-        f(&src, &mut a);
-        generic::i8_to_f32(&src, &mut b);
-        prop_assert_eq!(a, b);
-        Ok(())
-    });
+/// The correction: bit-identical to the reference, with and without bias,
+/// at every length up to a block and past it, at the i32 extremes a
+/// product can reach (zero points 0–255 against sums of ±128·4096).
+pub(crate) fn dequant_i32(f: fn(&[i32], crate::dispatch::Dequant<'_>, &mut [f32])) {
+    use crate::dispatch::Dequant;
+    run(
+        (0usize..150, 0i32..256).prop_flat_map(|(n, zp)| {
+            let sums = proptest::collection::vec(-(1i32 << 19)..(1 << 19), n);
+            let acc = proptest::collection::vec(-(1i32 << 27)..(1 << 27), n);
+            let bias = proptest::option::of(f32s(n));
+            (acc, sums, f32s(n), bias, Just(zp), -4f32..4.0)
+        }),
+        |(acc, sums, scales, bias, zp, scale)| {
+            let d = Dequant {
+                row_sums: &sums,
+                row_scales: &scales,
+                bias: bias.as_deref(),
+                zero_point: zp,
+                scale,
+            };
+            let (mut a, mut b) = (vec![0f32; acc.len()], vec![1f32; acc.len()]);
+            f(&acc, d, &mut a);
+            generic::dequant_i32(&acc, d, &mut b);
+            prop_assert_eq!(a, b);
+            Ok(())
+        },
+    );
 }
 
 pub(crate) fn pv_f32(f: fn(&[f32], f32, &[f32], &mut [f32])) {

@@ -189,6 +189,19 @@ pub type Acc16 = [[i32; BLOCK_ROWS]; TILE16_ACTS];
 /// block `b` into `out[b · tiles + g]` (`out.len() == count · tiles`).
 pub type Block16Fn = fn(Acts16, Blocks, &mut [Acc16]);
 
+/// What turns a block's exact integer sums into f32 outputs (see
+/// [`generic::dequant_i32`]): per output row its weights' sum and scale, the
+/// activation's zero point and scale, and an optional bias; all row slices
+/// as long as the output.
+#[derive(Debug, Clone, Copy)]
+pub struct Dequant<'a> {
+    pub row_sums: &'a [i32],
+    pub row_scales: &'a [f32],
+    pub bias: Option<&'a [f32]>,
+    pub zero_point: i32,
+    pub scale: f32,
+}
+
 /// Function pointers to the best kernels for this CPU.
 #[derive(Debug, Clone, Copy)]
 pub struct Kernels {
@@ -208,14 +221,18 @@ pub struct Kernels {
     /// the CPU has one that beats passes of `block_u8i8` (AMX); see
     /// [`Block16Fn`] and [`generic::block16_u8i8`] for its reference.
     pub block16_u8i8: Option<Block16Fn>,
+    /// The quantization correction after an integer product, see [`generic::dequant_i32`].
+    pub dequant_i32: fn(&[i32], Dequant<'_>, &mut [f32]),
     /// Attention scores over a block of keys, see [`generic::qk_f32`].
     pub qk_f32: fn(&[f32], &[f32], f32, &mut [f32]),
     /// Attention's weighted sum of a block of values, see [`generic::pv_f32`].
     pub pv_f32: fn(&[f32], f32, &[f32], &mut [f32]),
+    /// Scores over a block of an int8 cache's keys, see [`generic::qk_i8`].
+    pub qk_i8: fn(&[f32], &[i8], f32, &mut [f32]),
+    /// The weighted sum of a block of an int8 cache's values, see [`generic::pv_i8`].
+    pub pv_i8: fn(&[f32], f32, &[i8], &mut [f32]),
     /// Exact f16 → f32 widening of a 16-bit KV cache's blocks, see [`generic::f16_to_f32`].
     pub f16_to_f32: fn(&[u16], &mut [f32]),
-    /// Exact int8 → f32 widening of an int8 KV cache's blocks, see [`generic::i8_to_f32`].
-    pub i8_to_f32: fn(&[i8], &mut [f32]),
     /// A float product on a panel of 64 columns for 1–4 rows, see [`generic::panel_f32`].
     pub panel_f32: fn(&[&[f32]], &[f32], &mut [f32]),
     /// `DynamicQuantizeLinear`'s parameters of a tensor, see [`crate::quant::dynamic_params`].
@@ -241,10 +258,12 @@ impl Kernels {
             tile_u8i8: generic::tile_u8i8,
             block_u8i8: generic::block_u8i8,
             block16_u8i8: None,
+            dequant_i32: generic::dequant_i32,
             qk_f32: generic::qk_f32,
             pv_f32: generic::pv_f32,
+            qk_i8: generic::qk_i8,
+            pv_i8: generic::pv_i8,
             f16_to_f32: generic::f16_to_f32,
-            i8_to_f32: generic::i8_to_f32,
             panel_f32: generic::panel_f32,
             dynamic_params: crate::quant::dynamic_params,
             quantize_u8: crate::quant::quantize_u8,

@@ -10,7 +10,7 @@
 ///           pub fn NAME = IMPL, isa = "what it needs", when = PREDICATE; }
 /// ```
 ///
-/// The kind (`dot_u8i8`, `dot_i8i8`, `tile_u8i8`, `block_u8i8`, `block16_u8i8`, `qk_f32`, `pv_f32`, `f16_to_f32`, `i8_to_f32`, `panel_f32`, `dynamic_params`, `quantize_u8`, `act_f32`,
+/// The kind (`dot_u8i8`, `dot_i8i8`, `tile_u8i8`, `block_u8i8`, `block16_u8i8`, `dequant_i32`, `qk_f32`, `pv_f32`, `qk_i8`, `pv_i8`, `f16_to_f32`, `panel_f32`, `dynamic_params`, `quantize_u8`, `act_f32`,
 /// `softmax_f32`, `lstm_cell_f32`) picks the signature, the
 /// precondition check from [`crate::generic`] and the property test from
 /// `crate::check`. The generated `NAME` asserts the preconditions and the CPU
@@ -87,6 +87,17 @@ macro_rules! kernel {
         }
         kernel!(@test $name, $pred, block16_u8i8);
     };
+    (dequant_i32: $(#[$doc:meta])* pub fn $name:ident = $imp:path, isa = $isa:expr, when = $pred:expr;) => {
+        $(#[$doc])*
+        pub fn $name(acc: &[i32], d: crate::dispatch::Dequant<'_>, out: &mut [f32]) {
+            crate::generic::check_dequant(acc, &d, out);
+            assert!($pred, concat!(stringify!($name), " needs a CPU with ", $isa));
+            // SAFETY: the CPU features `$imp` needs were checked just above; the
+            // body is safe, bounds-checked Rust.
+            unsafe { $imp(acc, d, out) }
+        }
+        kernel!(@test $name, $pred, dequant_i32);
+    };
     (qk_f32: $(#[$doc:meta])* pub fn $name:ident = $imp:path, isa = $isa:expr, when = $pred:expr;) => {
         $(#[$doc])*
         pub fn $name(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) {
@@ -109,6 +120,28 @@ macro_rules! kernel {
         }
         kernel!(@test $name, $pred, pv_f32);
     };
+    (qk_i8: $(#[$doc:meta])* pub fn $name:ident = $imp:path, isa = $isa:expr, when = $pred:expr;) => {
+        $(#[$doc])*
+        pub fn $name(q: &[f32], keys: &[i8], scale: f32, out: &mut [f32]) {
+            crate::generic::check_qk(q, keys, out);
+            assert!($pred, concat!(stringify!($name), " needs a CPU with ", $isa));
+            // SAFETY: the CPU features `$imp` needs were checked just above; the
+            // body is safe, bounds-checked Rust.
+            unsafe { $imp(q, keys, scale, out) }
+        }
+        kernel!(@test $name, $pred, qk_i8);
+    };
+    (pv_i8: $(#[$doc:meta])* pub fn $name:ident = $imp:path, isa = $isa:expr, when = $pred:expr;) => {
+        $(#[$doc])*
+        pub fn $name(p: &[f32], scale: f32, vals: &[i8], out: &mut [f32]) {
+            crate::generic::check_pv(p, vals, out);
+            assert!($pred, concat!(stringify!($name), " needs a CPU with ", $isa));
+            // SAFETY: the CPU features `$imp` needs were checked just above; the
+            // body is safe, bounds-checked Rust.
+            unsafe { $imp(p, scale, vals, out) }
+        }
+        kernel!(@test $name, $pred, pv_i8);
+    };
     (f16_to_f32: $(#[$doc:meta])* pub fn $name:ident = $imp:path, isa = $isa:expr, when = $pred:expr;) => {
         $(#[$doc])*
         pub fn $name(src: &[u16], dst: &mut [f32]) {
@@ -120,18 +153,6 @@ macro_rules! kernel {
             unsafe { $imp(src, dst) }
         }
         kernel!(@test $name, $pred, f16_to_f32);
-    };
-    (i8_to_f32: $(#[$doc:meta])* pub fn $name:ident = $imp:path, isa = $isa:expr, when = $pred:expr;) => {
-        $(#[$doc])*
-        pub fn $name(src: &[i8], dst: &mut [f32]) {
-            crate::generic::check_i8(src, dst);
-            assert!($pred, concat!(stringify!($name), " needs a CPU with ", $isa));
-            // SAFETY: the CPU features `$imp` needs were checked just above, and
-            // `check_i8` proved `src` and `dst` equally long: `$imp` reads and
-            // writes no further.
-            unsafe { $imp(src, dst) }
-        }
-        kernel!(@test $name, $pred, i8_to_f32);
     };
     (panel_f32: $(#[$doc:meta])* pub fn $name:ident = $imp:path, isa = $isa:expr, when = $pred:expr;) => {
         $(#[$doc])*

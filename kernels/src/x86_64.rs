@@ -50,6 +50,9 @@ pub(crate) fn plug(k: &mut Kernels, limit: Isa) {
         k.isa = Isa::Avx2;
         k.qk_f32 = qk_f32_avx2;
         k.pv_f32 = pv_f32_avx2;
+        k.qk_i8 = qk_i8_avx2;
+        k.pv_i8 = pv_i8_avx2;
+        k.dequant_i32 = dequant_i32_avx2;
         k.panel_f32 = panel_f32_avx2;
         k.dynamic_params = dynamic_params_avx2;
         k.quantize_u8 = quantize_u8_avx2;
@@ -61,7 +64,6 @@ pub(crate) fn plug(k: &mut Kernels, limit: Isa) {
         k.tile_u8i8 = tile_u8i8_avx2;
         k.block_u8i8 = block_u8i8_avx2;
         k.layout = Layout::Blocks;
-        k.i8_to_f32 = i8_to_f32_avx2;
         if has_f16c() {
             k.f16_to_f32 = f16_to_f32_f16c;
         }
@@ -75,8 +77,10 @@ pub(crate) fn plug(k: &mut Kernels, limit: Isa) {
         k.layout = Layout::Blocks;
         k.qk_f32 = qk_f32_avx512;
         k.pv_f32 = pv_f32_avx512;
+        k.qk_i8 = qk_i8_avx512;
+        k.pv_i8 = pv_i8_avx512;
+        k.dequant_i32 = dequant_i32_avx512;
         k.f16_to_f32 = f16_to_f32_avx512;
-        k.i8_to_f32 = i8_to_f32_avx512;
         k.panel_f32 = panel_f32_avx512;
         k.dynamic_params = dynamic_params_avx512;
         k.quantize_u8 = quantize_u8_avx512;
@@ -88,6 +92,16 @@ pub(crate) fn plug(k: &mut Kernels, limit: Isa) {
         k.isa = Isa::Amx;
         k.block16_u8i8 = Some(block16_u8i8_amx);
     }
+}
+
+kernel! { dequant_i32:
+    /// The quantization correction, the reference's code compiled for AVX2.
+    pub fn dequant_i32_avx2 = float::dequant_avx2, isa = "AVX2 and FMA", when = has_avx2();
+}
+
+kernel! { dequant_i32:
+    /// The quantization correction with 512-bit vectors.
+    pub fn dequant_i32_avx512 = float::dequant_avx512, isa = "AVX-512 F, BW and VNNI", when = has_avx512vnni();
 }
 
 kernel! { qk_f32:
@@ -108,6 +122,26 @@ kernel! { qk_f32:
 kernel! { pv_f32:
     /// Attention's weighted value sum with 512-bit vectors.
     pub fn pv_f32_avx512 = float::pv_avx512, isa = "AVX-512 F, BW and VNNI", when = has_avx512vnni();
+}
+
+kernel! { qk_i8:
+    /// Scores on int8 keys, the reference's code compiled for AVX2.
+    pub fn qk_i8_avx2 = float::qk_i8_avx2, isa = "AVX2 and FMA", when = has_avx2();
+}
+
+kernel! { pv_i8:
+    /// The weighted sum of int8 values, the reference's code compiled for AVX2.
+    pub fn pv_i8_avx2 = float::pv_i8_avx2, isa = "AVX2 and FMA", when = has_avx2();
+}
+
+kernel! { qk_i8:
+    /// Scores on int8 keys with 512-bit vectors.
+    pub fn qk_i8_avx512 = float::qk_i8_avx512, isa = "AVX-512 F, BW and VNNI", when = has_avx512vnni();
+}
+
+kernel! { pv_i8:
+    /// The weighted sum of int8 values with 512-bit vectors.
+    pub fn pv_i8_avx512 = float::pv_i8_avx512, isa = "AVX-512 F, BW and VNNI", when = has_avx512vnni();
 }
 
 kernel! { panel_f32:
@@ -172,16 +206,6 @@ kernel! { f16_to_f32:
     pub fn f16_to_f32_avx512 = float::f16_to_f32_avx512, isa = "AVX-512 F, BW and VNNI", when = has_avx512vnni();
 }
 
-kernel! { i8_to_f32:
-    /// int8 widening with AVX2: eight values per `vpmovsxbd` and `vcvtdq2ps`.
-    pub fn i8_to_f32_avx2 = float::i8_to_f32_avx2, isa = "AVX2 and FMA", when = has_avx2();
-}
-
-kernel! { i8_to_f32:
-    /// int8 widening with AVX-512 F: sixteen values per `vpmovsxbd` and `vcvtdq2ps`.
-    pub fn i8_to_f32_avx512 = float::i8_to_f32_avx512, isa = "AVX-512 F, BW and VNNI", when = has_avx512vnni();
-}
-
 kernel! { lstm_cell_f32:
     /// The LSTM cell with 256-bit vectors, eight units at a time.
     pub fn lstm_cell_f32_avx2 = float::lstm_cell_avx2, isa = "AVX2 and FMA", when = has_avx2();
@@ -196,7 +220,22 @@ kernel! { lstm_cell_f32:
 /// vectors. No FMA contraction happens (Rust does not fuse `a * b + c`), so
 /// results equal the reference bit for bit.
 mod float {
-    use crate::generic::{f16_to_f32_body, i8_to_f32_body, panel_rows, pv_body, qk_body};
+    use crate::dispatch::Dequant;
+    use crate::generic::{dequant_body, f16_to_f32_body, panel_rows, pv_body, qk_body};
+
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dequant_avx2(acc: &[i32], d: Dequant<'_>, out: &mut [f32]) {
+        dequant_body(acc, d, out)
+    }
+
+    /// # Safety
+    /// The CPU must support AVX-512 F.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn dequant_avx512(acc: &[i32], d: Dequant<'_>, out: &mut [f32]) {
+        dequant_body(acc, d, out)
+    }
     use crate::nn::{act_body, lstm_cell_body, softmax_body, Act};
 
     /// # Safety
@@ -321,20 +360,6 @@ mod float {
     /// # Safety
     /// The CPU must support AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn i8_to_f32_avx2(src: &[i8], dst: &mut [f32]) {
-        i8_to_f32_body(src, dst)
-    }
-
-    /// # Safety
-    /// The CPU must support AVX-512 F, BW and VNNI.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    pub(super) unsafe fn i8_to_f32_avx512(src: &[i8], dst: &mut [f32]) {
-        i8_to_f32_body(src, dst)
-    }
-
-    /// # Safety
-    /// The CPU must support AVX2 and FMA.
-    #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn qk_avx2(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) {
         qk_body(q, keys, scale, out)
     }
@@ -357,6 +382,34 @@ mod float {
     /// The CPU must support AVX-512 F.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     pub(super) unsafe fn pv_avx512(p: &[f32], scale: f32, vals: &[f32], out: &mut [f32]) {
+        pv_body(p, scale, vals, out)
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn qk_i8_avx2(q: &[f32], keys: &[i8], scale: f32, out: &mut [f32]) {
+        qk_body(q, keys, scale, out)
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn pv_i8_avx2(p: &[f32], scale: f32, vals: &[i8], out: &mut [f32]) {
+        pv_body(p, scale, vals, out)
+    }
+
+    /// # Safety
+    /// The CPU must support AVX-512 F.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn qk_i8_avx512(q: &[f32], keys: &[i8], scale: f32, out: &mut [f32]) {
+        qk_body(q, keys, scale, out)
+    }
+
+    /// # Safety
+    /// The CPU must support AVX-512 F.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn pv_i8_avx512(p: &[f32], scale: f32, vals: &[i8], out: &mut [f32]) {
         pv_body(p, scale, vals, out)
     }
 }

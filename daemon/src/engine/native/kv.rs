@@ -25,8 +25,8 @@
 //! batch on small models. With `kv_cache = "i8"` each head's keys or values
 //! at a position are int8 with one f32 scale (`max |x| / 127`), quantized
 //! once when written (scalar, so every machine stores the same bytes) and
-//! widened into the scratch slab when read: a quarter of the f32 bytes plus
-//! the scales.
+//! read as stored by attention kernels that widen it in registers
+//! (`qk_i8`, `pv_i8`): a quarter of the f32 bytes plus the scales.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -39,6 +39,14 @@ use crate::engine::KvType;
 
 /// Positions per block: what the score kernel takes at once.
 pub const BLOCK: usize = ember_kernels::generic::KEY_BLOCK;
+
+/// A slab as [`KvArena::read`] hands it to attention.
+#[derive(Debug, Clone, Copy)]
+pub enum SlabView<'a> {
+    F32(&'a [f32]),
+    /// Int8 values and each position's scale.
+    I8(&'a [i8], &'a [f32; BLOCK]),
+}
 
 /// What one block holds.
 #[derive(Debug, Clone, Copy)]
@@ -231,30 +239,31 @@ impl KvArena {
         self.slab_at(s.block, s.layer, s.value, s.head)
     }
 
-    /// The first `len` values of a slab, as f32: the cache itself, or
-    /// widened into `buf` (at least `len` long) from f16 or int8. An int8
-    /// slab comes with its [`BLOCK`] per-position scales, which the caller
-    /// applies: to each position's score (keys) or weight (values).
+    /// The first `len` values of a slab as the attention kernels take them:
+    /// f32 (the cache itself, or widened into `buf`, at least `len` long,
+    /// from f16), or an int8 slab as stored, with its [`BLOCK`] per-position
+    /// scales, which the caller applies: to each position's score (keys) or
+    /// weight (values). Int8 is not widened here: its kernels
+    /// ([`Kernels::qk_i8`], [`Kernels::pv_i8`]) widen in registers.
     pub fn read<'a>(
         &'a self,
         k: &Kernels,
         s: Slab,
         len: usize,
         buf: &'a mut [f32],
-    ) -> (&'a [f32], Option<&'a [f32; BLOCK]>) {
+    ) -> SlabView<'a> {
         let at = self.at(s);
         match &self.data {
-            Store::F32(v) => (&v[at..at + len], None),
+            Store::F32(v) => SlabView::F32(&v[at..at + len]),
             Store::F16(v) => {
                 (k.f16_to_f32)(&v[at..at + len], &mut buf[..len]);
-                (&buf[..len], None)
+                SlabView::F32(&buf[..len])
             }
             Store::I8 { q, scale } => {
-                (k.i8_to_f32)(&q[at..at + len], &mut buf[..len]);
                 let sc = scale[at / self.shape.head_dim..][..BLOCK]
                     .try_into()
                     .expect("BLOCK scales");
-                (&buf[..len], Some(sc))
+                SlabView::I8(&q[at..at + len], sc)
             }
         }
     }
@@ -265,8 +274,10 @@ impl KvArena {
     #[cfg(test)]
     pub fn read_values(&self, k: &Kernels, s: Slab, len: usize) -> Vec<f32> {
         let mut buf = vec![0.0; len];
-        let (v, sc) = self.read(k, s, len, &mut buf);
-        let mut v = v.to_vec();
+        let (mut v, sc) = match self.read(k, s, len, &mut buf) {
+            SlabView::F32(v) => (v.to_vec(), None),
+            SlabView::I8(q, sc) => (q.iter().map(|&x| x as f32).collect(), Some(sc)),
+        };
         if let Some(sc) = sc {
             if s.value {
                 let hd = self.shape.head_dim;

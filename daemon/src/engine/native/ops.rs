@@ -8,7 +8,7 @@ use ember_kernels::gemv::{self, PackedI8, Parallel, QVec};
 use ember_kernels::Kernels;
 
 use super::graph::{Graph, Linear, Unrecognized, Values};
-use super::kv::{KvArena, SeqBlocks, Slab, BLOCK};
+use super::kv::{KvArena, SeqBlocks, Slab, SlabView, BLOCK};
 use super::{Job, Row, Sequence};
 use tract_onnx::pb;
 
@@ -470,13 +470,16 @@ pub fn attend_group(
                 }
             }
         }
-        let (keys, ks) = arena.read(k, keys(block), slab, buf);
+        let view = arena.read(k, keys(block), slab, buf);
         for (qh, s) in q.chunks_exact(hd).zip(scores.chunks_exact_mut(row)) {
             let s = &mut s[b * BLOCK..b * BLOCK + m];
-            (k.qk_f32)(qh, keys, h.scale, s);
-            // An int8 cache's keys: each position's scale, on its score.
-            if let Some(ks) = ks {
-                s.iter_mut().zip(ks).for_each(|(s, &ks)| *s *= ks);
+            match view {
+                SlabView::F32(keys) => (k.qk_f32)(qh, keys, h.scale, s),
+                // An int8 cache's keys: each position's scale, on its score.
+                SlabView::I8(keys, ks) => {
+                    (k.qk_i8)(qh, keys, h.scale, s);
+                    s.iter_mut().zip(ks).for_each(|(s, &ks)| *s *= ks);
+                }
             }
         }
     }
@@ -491,23 +494,23 @@ pub fn attend_group(
             let m = (n - (b + AHEAD) * BLOCK).min(BLOCK);
             arena.prefetch(values(next), m * hd);
         }
-        let (vals, vs) = arena.read(k, values(block), m * hd, buf);
+        let view = arena.read(k, values(block), m * hd, buf);
         for ((o, s), &inv) in out
             .chunks_exact_mut(hd)
             .zip(scores.chunks_exact(row))
             .zip(&inv)
         {
             let p = &s[b * BLOCK..b * BLOCK + m];
-            match vs {
+            match view {
+                SlabView::F32(vals) => (k.pv_f32)(p, inv, vals, o),
                 // An int8 cache's values: each position's scale, on its weight.
-                Some(vs) => {
+                SlabView::I8(vals, vs) => {
                     let mut w = [0f32; BLOCK];
                     for ((w, &p), &v) in w.iter_mut().zip(p).zip(vs) {
                         *w = p * v;
                     }
-                    (k.pv_f32)(&w[..m], inv, vals, o)
+                    (k.pv_i8)(&w[..m], inv, vals, o)
                 }
-                None => (k.pv_f32)(p, inv, vals, o),
             }
         }
     }
