@@ -22,8 +22,8 @@
 use std::ops::Range;
 
 use crate::dispatch::{
-    Acts16, Block16Fn, Block64, Blocks, Kernels, Layout, Rows4, BLOCK_GROUP, BLOCK_ROWS,
-    MAX_TILES16, TILE16_ACTS, TILE_ACTS, TILE_ROWS,
+    Acc16, Acts16, Block16Fn, Block64, Blocks, Dequant, Kernels, Layout, Rows4, BLOCK_GROUP,
+    BLOCK_ROWS, MAX_TILES16, TILE16_ACTS, TILE_ACTS, TILE_ROWS,
 };
 use crate::pages::Pages;
 
@@ -259,6 +259,8 @@ const BLOCK16_CHUNK: usize = 8;
 thread_local! {
     /// The activations of [`compute16`], copied into 16 rows padded to 64 columns.
     static ACTS16: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// The sums [`compute16`]'s kernel calls return.
+    static SUMS16: std::cell::RefCell<Vec<Acc16>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// The shared core: every (activation, row) result of `rows`, handed to `put`
@@ -273,7 +275,7 @@ fn compute(
 ) {
     if let (Some(f), Layout::Blocks) = (k.block16_u8i8, w.layout) {
         if use_block16(xs.len(), w.cols) {
-            return compute16(f, w, xs, bias, rows, put);
+            return compute16(k, f, w, xs, bias, rows, put);
         }
     }
     let tile = w.tile_rows();
@@ -293,7 +295,7 @@ fn compute(
                     for (j, x) in group.iter().enumerate() {
                         let mut v = [0f32; TILE_ROWS];
                         let v = &mut v[..n_rows];
-                        correct(w, x, bias, start, &acc[j][..n_rows], v);
+                        correct(k, w, x, bias, start, &acc[j][..n_rows], v);
                         put(g * TILE_ACTS + j, start, v);
                     }
                 }
@@ -303,7 +305,7 @@ fn compute(
                     for (j, x) in group.iter().enumerate() {
                         let mut v = [0f32; BLOCK_ROWS];
                         let v = &mut v[..n_rows];
-                        correct(w, x, bias, start, &acc[j][first..first + n_rows], v);
+                        correct(k, w, x, bias, start, &acc[j][first..first + n_rows], v);
                         put(g * TILE_ACTS + j, start, v);
                     }
                 }
@@ -318,6 +320,7 @@ fn compute(
 /// [`BLOCK16_CHUNK`] blocks (a few hundred KiB, which stay in L2) every group
 /// of 16 activations, so weights come from memory once per call.
 fn compute16(
+    k: &Kernels,
     f: Block16Fn,
     w: &PackedI8,
     xs: &[QVec],
@@ -332,62 +335,69 @@ fn compute16(
     let tile = TILE16_ACTS * wide;
     let first_block = rows.start / BLOCK_ROWS;
     let end_block = rows.end.div_ceil(BLOCK_ROWS);
-    let mut out = [[[0; BLOCK_ROWS]; TILE16_ACTS]; BLOCK16_CHUNK * MAX_TILES16];
     let groups = xs.len().div_ceil(TILE16_ACTS);
-    ACTS16.with_borrow_mut(|buf| {
-        // Zero padding past each row's `cols` bytes, and whole zero rows
-        // after the last activation.
-        buf.clear();
-        buf.resize(groups * tile, 0);
-        for (t, x) in xs.iter().enumerate() {
-            buf[t * wide..t * wide + w.cols].copy_from_slice(x.q);
+    SUMS16.with_borrow_mut(|out| {
+        if out.is_empty() {
+            // 64 KiB, made once per thread: zeroing it on every call cost more
+            // than some small products (the kernel overwrites what it returns).
+            out.resize(BLOCK16_CHUNK * MAX_TILES16, [[0; BLOCK_ROWS]; TILE16_ACTS]);
         }
-        let mut b = first_block;
-        while b < end_block {
-            let count = (end_block - b).min(BLOCK16_CHUNK);
-            let blocks = Blocks {
-                data: &w.data[b * w.stride..],
-                stride: w.stride,
-                count,
-            };
-            // Groups two at a time (each weight tile then serves 32
-            // activations), the last alone if their number is odd.
-            let mut g = 0;
-            while g < groups {
-                let tiles = (groups - g).min(MAX_TILES16);
-                let acts = Acts16 {
-                    data: &buf[g * tile..(g + tiles) * tile],
-                    stride: wide,
-                    n: w.cols,
-                    tiles,
-                };
-                let out = &mut out[..count * tiles];
-                f(acts, blocks, out);
-                for (i, acc) in out.iter().enumerate() {
-                    let (block, group) = (b + i / tiles, g + i % tiles);
-                    let base = block * BLOCK_ROWS;
-                    let (r0, r1) = (base.max(rows.start), (base + BLOCK_ROWS).min(rows.end));
-                    let first = group * TILE16_ACTS;
-                    let last = (first + TILE16_ACTS).min(xs.len());
-                    for (j, x) in xs[first..last].iter().enumerate() {
-                        let mut v = [0f32; BLOCK_ROWS];
-                        let v = &mut v[..r1 - r0];
-                        correct(w, x, bias, r0, &acc[j][r0 - base..r1 - base], v);
-                        put(first + j, r0, v);
-                    }
-                }
-                g += tiles;
+        ACTS16.with_borrow_mut(|buf| {
+            // Zero padding past each row's `cols` bytes, and whole zero rows
+            // after the last activation.
+            buf.clear();
+            buf.resize(groups * tile, 0);
+            for (t, x) in xs.iter().enumerate() {
+                buf[t * wide..t * wide + w.cols].copy_from_slice(x.q);
             }
-            b += count;
-        }
+            let mut b = first_block;
+            while b < end_block {
+                let count = (end_block - b).min(BLOCK16_CHUNK);
+                let blocks = Blocks {
+                    data: &w.data[b * w.stride..],
+                    stride: w.stride,
+                    count,
+                };
+                // Groups two at a time (each weight tile then serves 32
+                // activations), the last alone if their number is odd.
+                let mut g = 0;
+                while g < groups {
+                    let tiles = (groups - g).min(MAX_TILES16);
+                    let acts = Acts16 {
+                        data: &buf[g * tile..(g + tiles) * tile],
+                        stride: wide,
+                        n: w.cols,
+                        tiles,
+                    };
+                    let out = &mut out[..count * tiles];
+                    f(acts, blocks, out);
+                    for (i, acc) in out.iter().enumerate() {
+                        let (block, group) = (b + i / tiles, g + i % tiles);
+                        let base = block * BLOCK_ROWS;
+                        let (r0, r1) = (base.max(rows.start), (base + BLOCK_ROWS).min(rows.end));
+                        let first = group * TILE16_ACTS;
+                        let last = (first + TILE16_ACTS).min(xs.len());
+                        for (j, x) in xs[first..last].iter().enumerate() {
+                            let mut v = [0f32; BLOCK_ROWS];
+                            let v = &mut v[..r1 - r0];
+                            correct(k, w, x, bias, r0, &acc[j][r0 - base..r1 - base], v);
+                            put(first + j, r0, v);
+                        }
+                    }
+                    g += tiles;
+                }
+                b += count;
+            }
+        });
     });
 }
 
-/// The quantization correction of `acc` (rows from `first`) into `out`: the
-/// same scalar code for every ISA and layout, so results agree bit for bit
-/// (LLVM vectorizes it; there is no FMA contraction in Rust).
+/// The quantization correction of `acc` (rows from `first`) into `out`,
+/// through the table's [`Kernels::dequant_i32`]: the same lane-wise code for
+/// every ISA and layout, so results agree bit for bit.
 #[inline]
 fn correct(
+    k: &Kernels,
     w: &PackedI8,
     x: &QVec,
     bias: Option<&[f32]>,
@@ -395,20 +405,15 @@ fn correct(
     acc: &[i32],
     out: &mut [f32],
 ) {
-    let zp = x.zero_point as i32;
     let n = out.len();
-    let sums = &w.row_sums[first..first + n];
-    let scales = &w.scales[first..first + n];
-    for t in 0..n {
-        let a = acc[t] - zp * sums[t];
-        out[t] = a as f32 * (x.scale * scales[t]);
-    }
-    if let Some(b) = bias {
-        let b = &b[first..first + n];
-        for t in 0..n {
-            out[t] += b[t];
-        }
-    }
+    let d = Dequant {
+        row_sums: &w.row_sums[first..first + n],
+        row_scales: &w.scales[first..first + n],
+        bias: bias.map(|b| &b[first..first + n]),
+        zero_point: x.zero_point as i32,
+        scale: x.scale,
+    };
+    (k.dequant_i32)(acc, d, out)
 }
 
 /// Output rows `rows` of `w · xs[i] (+ bias)` for every activation vector:
