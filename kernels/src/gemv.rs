@@ -248,7 +248,10 @@ fn check_operands(w: &PackedI8, xs: &[QVec], bias: Option<&[f32]>) {
 /// bench --bench gemv` on a Xeon with AMX: at 2–4 activations AMX is slower
 /// (one block-kernel pass does them all), at 8 it is 1.6× faster on 576
 /// columns but 0.8× on 256 (copying and correcting cost more than 4 tile
-/// steps save), from 16 on it wins on every shape (1.2–2.4×).
+/// steps save), from 16 on it wins on every shape (1.2–2.4×). On a later
+/// Xeon, with the correction dispatched, 8 activations on 256×4096 took
+/// 23–25 µs through AMX against 28 through VNNI, but the demo GPT-2's
+/// batch of 8 decoded no faster end to end, so the rule stayed.
 fn use_block16(xs: usize, cols: usize) -> bool {
     xs > TILE_ACTS && (cols >= 512 || xs >= TILE16_ACTS)
 }
@@ -256,11 +259,20 @@ fn use_block16(xs: usize, cols: usize) -> bool {
 /// Blocks per matrix-kernel call: 32 KiB of sums per group, in L1.
 const BLOCK16_CHUNK: usize = 8;
 
+/// [`compute16`]'s per-thread buffers, reused from call to call.
+struct Scratch16 {
+    /// The activations, copied into 16 rows padded to 64 columns.
+    acts: Vec<u8>,
+    /// The sums the kernel calls return: 64 KiB, made once (zeroing it on
+    /// every call cost more than some small products; the kernel overwrites
+    /// what it returns).
+    sums: Vec<Acc16>,
+}
+
 thread_local! {
-    /// The activations of [`compute16`], copied into 16 rows padded to 64 columns.
-    static ACTS16: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-    /// The sums [`compute16`]'s kernel calls return.
-    static SUMS16: std::cell::RefCell<Vec<Acc16>> = const { std::cell::RefCell::new(Vec::new()) };
+    static SCRATCH16: std::cell::RefCell<Scratch16> = const {
+        std::cell::RefCell::new(Scratch16 { acts: Vec::new(), sums: Vec::new() })
+    };
 }
 
 /// The shared core: every (activation, row) result of `rows`, handed to `put`
@@ -336,59 +348,59 @@ fn compute16(
     let first_block = rows.start / BLOCK_ROWS;
     let end_block = rows.end.div_ceil(BLOCK_ROWS);
     let groups = xs.len().div_ceil(TILE16_ACTS);
-    SUMS16.with_borrow_mut(|out| {
+    SCRATCH16.with_borrow_mut(|scratch| {
+        let Scratch16 {
+            acts: buf,
+            sums: out,
+        } = scratch;
         if out.is_empty() {
-            // 64 KiB, made once per thread: zeroing it on every call cost more
-            // than some small products (the kernel overwrites what it returns).
             out.resize(BLOCK16_CHUNK * MAX_TILES16, [[0; BLOCK_ROWS]; TILE16_ACTS]);
         }
-        ACTS16.with_borrow_mut(|buf| {
-            // Zero padding past each row's `cols` bytes, and whole zero rows
-            // after the last activation.
-            buf.clear();
-            buf.resize(groups * tile, 0);
-            for (t, x) in xs.iter().enumerate() {
-                buf[t * wide..t * wide + w.cols].copy_from_slice(x.q);
-            }
-            let mut b = first_block;
-            while b < end_block {
-                let count = (end_block - b).min(BLOCK16_CHUNK);
-                let blocks = Blocks {
-                    data: &w.data[b * w.stride..],
-                    stride: w.stride,
-                    count,
+        // Zero padding past each row's `cols` bytes, and whole zero rows
+        // after the last activation.
+        buf.clear();
+        buf.resize(groups * tile, 0);
+        for (t, x) in xs.iter().enumerate() {
+            buf[t * wide..t * wide + w.cols].copy_from_slice(x.q);
+        }
+        let mut b = first_block;
+        while b < end_block {
+            let count = (end_block - b).min(BLOCK16_CHUNK);
+            let blocks = Blocks {
+                data: &w.data[b * w.stride..],
+                stride: w.stride,
+                count,
+            };
+            // Groups two at a time (each weight tile then serves 32
+            // activations), the last alone if their number is odd.
+            let mut g = 0;
+            while g < groups {
+                let tiles = (groups - g).min(MAX_TILES16);
+                let acts = Acts16 {
+                    data: &buf[g * tile..(g + tiles) * tile],
+                    stride: wide,
+                    n: w.cols,
+                    tiles,
                 };
-                // Groups two at a time (each weight tile then serves 32
-                // activations), the last alone if their number is odd.
-                let mut g = 0;
-                while g < groups {
-                    let tiles = (groups - g).min(MAX_TILES16);
-                    let acts = Acts16 {
-                        data: &buf[g * tile..(g + tiles) * tile],
-                        stride: wide,
-                        n: w.cols,
-                        tiles,
-                    };
-                    let out = &mut out[..count * tiles];
-                    f(acts, blocks, out);
-                    for (i, acc) in out.iter().enumerate() {
-                        let (block, group) = (b + i / tiles, g + i % tiles);
-                        let base = block * BLOCK_ROWS;
-                        let (r0, r1) = (base.max(rows.start), (base + BLOCK_ROWS).min(rows.end));
-                        let first = group * TILE16_ACTS;
-                        let last = (first + TILE16_ACTS).min(xs.len());
-                        for (j, x) in xs[first..last].iter().enumerate() {
-                            let mut v = [0f32; BLOCK_ROWS];
-                            let v = &mut v[..r1 - r0];
-                            correct(k, w, x, bias, r0, &acc[j][r0 - base..r1 - base], v);
-                            put(first + j, r0, v);
-                        }
+                let out = &mut out[..count * tiles];
+                f(acts, blocks, out);
+                for (i, acc) in out.iter().enumerate() {
+                    let (block, group) = (b + i / tiles, g + i % tiles);
+                    let base = block * BLOCK_ROWS;
+                    let (r0, r1) = (base.max(rows.start), (base + BLOCK_ROWS).min(rows.end));
+                    let first = group * TILE16_ACTS;
+                    let last = (first + TILE16_ACTS).min(xs.len());
+                    for (j, x) in xs[first..last].iter().enumerate() {
+                        let mut v = [0f32; BLOCK_ROWS];
+                        let v = &mut v[..r1 - r0];
+                        correct(k, w, x, bias, r0, &acc[j][r0 - base..r1 - base], v);
+                        put(first + j, r0, v);
                     }
-                    g += tiles;
                 }
-                b += count;
+                g += tiles;
             }
-        });
+            b += count;
+        }
     });
 }
 

@@ -423,7 +423,7 @@ pub fn qk_i8(q: &[f32], keys: &[i8], scale: f32, out: &mut [f32]) {
 /// What the attention kernels read from a cache block: f32, or int8 values
 /// (without their scales, which attention applies to scores and weights)
 /// widened exactly to f32 where they are used.
-pub trait KvElem: Copy {
+pub(crate) trait KvElem: Copy {
     fn widen(self) -> f32;
 }
 
