@@ -430,9 +430,36 @@ fn activations() -> impl Strategy<Value = Vec<f32>> {
     ]
 }
 
-/// Quantization parameters: equal to the reference's, bit for bit.
+/// Floats with the cases an order or a cast could get wrong: NaNs (both
+/// signs), infinities, signed zeros, subnormals, the largest finite values.
+fn special_floats() -> impl Strategy<Value = Vec<f32>> {
+    let v = prop_oneof![
+        Just(f32::NAN),
+        Just(-f32::NAN),
+        Just(f32::INFINITY),
+        Just(f32::NEG_INFINITY),
+        Just(0.0f32),
+        Just(-0.0f32),
+        Just(1e-40f32),
+        Just(-1e-45f32),
+        Just(f32::MAX),
+        Just(f32::MIN),
+        -1e3f32..1e3,
+        -1f32..1.0,
+    ];
+    proptest::collection::vec(v, 0..100)
+}
+
+/// Quantization parameters: equal to the reference's, bit for bit, also
+/// with NaNs, infinities and signed zeros in the tensor.
 pub(crate) fn dynamic_params(f: fn(&[f32]) -> (f32, u8)) {
-    run(activations(), |x| {
+    let xs = prop_oneof![
+        activations(),
+        special_floats().prop_filter("finite range", |x| x
+            .iter()
+            .all(|v| v.is_nan() || v.abs() < 1e30)),
+    ];
+    run(xs, |x| {
         let (a, b) = (f(&x), crate::quant::dynamic_params(&x));
         prop_assert_eq!(a.0.to_bits(), b.0.to_bits());
         prop_assert_eq!(a.1, b.1);
@@ -452,6 +479,69 @@ pub(crate) fn quantize_u8(f: fn(&[f32], f32, u8, &mut [u8])) {
         f(&x, s, z, &mut a);
         crate::quant::quantize_u8(&x, s, z, &mut b);
         prop_assert_eq!(a, b);
+        Ok(())
+    });
+}
+
+/// Int8 KV quantization: the reference's scale bits and bytes, over plain
+/// rows, rows whose values fall on the rounding's halves, and rows of NaNs,
+/// infinities, zeros and subnormals.
+pub(crate) fn quantize_i8(f: fn(&[f32], &mut [i8]) -> f32) {
+    let halves = (1usize..100).prop_flat_map(|n| {
+        proptest::collection::vec((-254i32..=254).prop_map(|h| h as f32 * 0.5), n).prop_map(
+            |mut x| {
+                // 127 · 2 halves: the largest sets the scale to exactly 1.
+                x[0] = 127.0;
+                x
+            },
+        )
+    });
+    let xs = prop_oneof![
+        proptest::collection::vec(-50f32..50.0, 0..300),
+        special_floats(),
+        halves,
+        proptest::collection::vec(Just(0f32), 0..40),
+    ];
+    run(xs, |x| {
+        let (mut a, mut b) = (vec![0i8; x.len()], vec![0i8; x.len()]);
+        let (sa, sb) = (f(&x, &mut a), crate::quant::quantize_i8(&x, &mut b));
+        prop_assert_eq!(sa.to_bits(), sb.to_bits());
+        prop_assert_eq!(a, b);
+        Ok(())
+    });
+}
+
+/// LayerNorm: the reference's bits, rows of every length around the lanes.
+pub(crate) fn layer_norm_f32(f: fn(&mut [f32], &[f32], &[f32], f32)) {
+    let case = (0usize..300).prop_flat_map(|n| {
+        (
+            proptest::collection::vec(-20f32..20.0, n),
+            proptest::collection::vec(-2f32..2.0, n),
+            proptest::collection::vec(-1f32..1.0, n),
+        )
+    });
+    run(case, |(x, g, b)| {
+        let (mut a, mut r) = (x.clone(), x);
+        f(&mut a, &g, &b, 1e-5);
+        crate::nn::layer_norm(&mut r, &g, &b, 1e-5);
+        prop_assert_eq!(bits(&a), bits(&r));
+        Ok(())
+    });
+}
+
+/// RMS norm: the reference's bits.
+pub(crate) fn rms_norm_f32(f: fn(&mut [f32], &[f32], f32)) {
+    let case = (0usize..300).prop_flat_map(|n| {
+        (
+            proptest::collection::vec(-20f32..20.0, n),
+            proptest::collection::vec(-2f32..2.0, n),
+        )
+    });
+    run(case, |(x, g)| {
+        let (mut a, mut r) = (x.clone(), x);
+        f(&mut a, &g, 1e-6);
+        crate::nn::rms_norm(&mut r, &g, 1e-6);
+        prop_assert_eq!(bits(&a), bits(&r));
         Ok(())
     });
 }

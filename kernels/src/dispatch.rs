@@ -239,6 +239,12 @@ pub struct Kernels {
     pub dynamic_params: fn(&[f32]) -> (f32, u8),
     /// u8 quantization with given parameters, see [`crate::quant::quantize_u8`].
     pub quantize_u8: fn(&[f32], f32, u8, &mut [u8]),
+    /// Symmetric int8 quantization of a KV row, see [`crate::quant::quantize_i8`].
+    pub quantize_i8: fn(&[f32], &mut [i8]) -> f32,
+    /// LayerNorm over a row, in place, see [`crate::nn::layer_norm`].
+    pub layer_norm_f32: fn(&mut [f32], &[f32], &[f32], f32),
+    /// RMS norm over a row, in place, see [`crate::nn::rms_norm`].
+    pub rms_norm_f32: fn(&mut [f32], &[f32], f32),
     /// An activation over a slice, in place, see [`crate::nn::act_f32`].
     pub act_f32: fn(crate::nn::Act, &mut [f32]),
     /// Softmax numerators in place and their sum, see [`crate::nn::softmax_f32`].
@@ -267,6 +273,9 @@ impl Kernels {
             panel_f32: generic::panel_f32,
             dynamic_params: crate::quant::dynamic_params,
             quantize_u8: crate::quant::quantize_u8,
+            quantize_i8: crate::quant::quantize_i8,
+            layer_norm_f32: crate::nn::layer_norm,
+            rms_norm_f32: crate::nn::rms_norm,
             act_f32: crate::nn::act_f32,
             softmax_f32: crate::nn::softmax_f32,
             lstm_cell_f32: crate::nn::lstm_cell_f32,

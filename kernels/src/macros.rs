@@ -10,7 +10,7 @@
 ///           pub fn NAME = IMPL, isa = "what it needs", when = PREDICATE; }
 /// ```
 ///
-/// The kind (`dot_u8i8`, `dot_i8i8`, `tile_u8i8`, `block_u8i8`, `block16_u8i8`, `dequant_i32`, `qk_f32`, `pv_f32`, `qk_i8`, `pv_i8`, `f16_to_f32`, `panel_f32`, `dynamic_params`, `quantize_u8`, `act_f32`,
+/// The kind (`dot_u8i8`, `dot_i8i8`, `tile_u8i8`, `block_u8i8`, `block16_u8i8`, `dequant_i32`, `qk_f32`, `pv_f32`, `qk_i8`, `pv_i8`, `f16_to_f32`, `panel_f32`, `dynamic_params`, `quantize_u8`, `quantize_i8`, `layer_norm_f32`, `rms_norm_f32`, `act_f32`,
 /// `softmax_f32`, `lstm_cell_f32`) picks the signature, the
 /// precondition check from [`crate::generic`] and the property test from
 /// `crate::check`. The generated `NAME` asserts the preconditions and the CPU
@@ -185,6 +185,40 @@ macro_rules! kernel {
             unsafe { $imp(x, scale, zero_point, q) }
         }
         kernel!(@test $name, $pred, quantize_u8);
+    };
+    (quantize_i8: $(#[$doc:meta])* pub fn $name:ident = $imp:path, isa = $isa:expr, when = $pred:expr;) => {
+        $(#[$doc])*
+        pub fn $name(x: &[f32], q: &mut [i8]) -> f32 {
+            crate::quant::check_quantize_i8(x, q);
+            assert!($pred, concat!(stringify!($name), " needs a CPU with ", $isa));
+            // SAFETY: the CPU features `$imp` needs were checked just above, and
+            // `check_quantize_i8` proved `x` and `q` equally long: `$imp` reads
+            // and writes no further.
+            unsafe { $imp(x, q) }
+        }
+        kernel!(@test $name, $pred, quantize_i8);
+    };
+    (layer_norm_f32: $(#[$doc:meta])* pub fn $name:ident = $imp:path, isa = $isa:expr, when = $pred:expr;) => {
+        $(#[$doc])*
+        pub fn $name(x: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
+            crate::nn::check_layer_norm(x, gamma, beta);
+            assert!($pred, concat!(stringify!($name), " needs a CPU with ", $isa));
+            // SAFETY: the CPU features `$imp` needs were checked just above; the
+            // body is safe, bounds-checked Rust.
+            unsafe { $imp(x, gamma, beta, eps) }
+        }
+        kernel!(@test $name, $pred, layer_norm_f32);
+    };
+    (rms_norm_f32: $(#[$doc:meta])* pub fn $name:ident = $imp:path, isa = $isa:expr, when = $pred:expr;) => {
+        $(#[$doc])*
+        pub fn $name(x: &mut [f32], gamma: &[f32], eps: f32) {
+            crate::nn::check_rms_norm(x, gamma);
+            assert!($pred, concat!(stringify!($name), " needs a CPU with ", $isa));
+            // SAFETY: the CPU features `$imp` needs were checked just above; the
+            // body is safe, bounds-checked Rust.
+            unsafe { $imp(x, gamma, eps) }
+        }
+        kernel!(@test $name, $pred, rms_norm_f32);
     };
     (act_f32: $(#[$doc:meta])* pub fn $name:ident = $imp:path, isa = $isa:expr, when = $pred:expr;) => {
         $(#[$doc])*

@@ -53,6 +53,15 @@ pub(crate) fn dynamic_params_body(x: &[f32]) -> (f32, u8) {
     }
     let lo = lo.iter().fold(0f32, |m, &v| if v < m { v } else { m });
     let hi = hi.iter().fold(0f32, |m, &v| if v > m { v } else { m });
+    params_of_range(lo, hi)
+}
+
+/// `(scale, zero_point)` of a tensor whose values span `lo ≤ 0 ≤ hi`.
+/// Min and max are exact and do not depend on the order the values are
+/// seen in, so an ISA's copy that finds them its own way and ends here gives
+/// the reference's bits.
+#[inline(always)]
+pub(crate) fn params_of_range(lo: f32, hi: f32) -> (f32, u8) {
     let scale = (hi - lo) / 255.0;
     if scale == 0.0 {
         return (0.0, 0);
@@ -94,6 +103,46 @@ pub(crate) fn quantize_u8_body(x: &[f32], scale: f32, zero_point: u8, q: &mut [u
         let r = (round_even(v / scale) + zp).clamp(0.0, 255.0);
         *o = (r + 8_388_608.0).to_bits() as u8;
     }
+}
+
+/// Symmetric int8 quantization of one row (a head's key or value at one
+/// position in an int8 KV cache): `scale = max |x| / 127`, an infinity
+/// taken as 1e38 (not f32::MAX: 127 times the scale must stay finite when
+/// read) and NaNs ignored; `q = x / scale` rounded half away from zero and
+/// clamped to ±127, a NaN stored as 0; a zero scale stores zeros. Returns
+/// the scale. Each ISA's copy ([`crate::Kernels::quantize_i8`]) stores
+/// these bytes: a cache written on one machine reads the same on another.
+pub fn quantize_i8(x: &[f32], q: &mut [i8]) -> f32 {
+    check_quantize_i8(x, q);
+    let scale = i8_scale(x.iter().fold(0f32, |m, v| m.max(v.abs())));
+    for (q, &v) in q.iter_mut().zip(x) {
+        *q = to_i8(v, scale);
+    }
+    scale
+}
+
+/// Panics unless `x` and `q` have one length (for [`quantize_i8`]).
+pub fn check_quantize_i8(x: &[f32], q: &[i8]) {
+    assert_eq!(x.len(), q.len(), "input and output lengths differ");
+}
+
+/// [`quantize_i8`]'s scale for a row whose largest magnitude (NaNs left
+/// out) is `max_abs`.
+#[inline(always)]
+pub(crate) fn i8_scale(max_abs: f32) -> f32 {
+    max_abs.min(1e38) / 127.0
+}
+
+/// One value of [`quantize_i8`] at `scale`.
+#[inline(always)]
+pub(crate) fn to_i8(v: f32, scale: f32) -> i8 {
+    if scale == 0.0 {
+        return 0;
+    }
+    // Half away from zero without libm's roundf: |v / scale| ≤ 127 (to
+    // rounding), and `as` truncates toward zero and saturates (NaN to 0).
+    let r = v / scale;
+    ((r + 0.5f32.copysign(r)) as i8).max(-127)
 }
 
 /// Per-row symmetric int8 weight quantization: row `r` of `w` (`rows × cols`,

@@ -55,6 +55,9 @@ pub(crate) fn plug(k: &mut Kernels, limit: Isa) {
         k.dequant_i32 = dequant_i32_avx2;
         k.panel_f32 = panel_f32_avx2;
         k.dynamic_params = dynamic_params_avx2;
+        k.quantize_i8 = quantize_i8_avx2;
+        k.layer_norm_f32 = layer_norm_f32_avx2;
+        k.rms_norm_f32 = rms_norm_f32_avx2;
         k.quantize_u8 = quantize_u8_avx2;
         k.act_f32 = act_f32_avx2;
         k.softmax_f32 = softmax_f32_avx2;
@@ -83,6 +86,9 @@ pub(crate) fn plug(k: &mut Kernels, limit: Isa) {
         k.f16_to_f32 = f16_to_f32_avx512;
         k.panel_f32 = panel_f32_avx512;
         k.dynamic_params = dynamic_params_avx512;
+        k.quantize_i8 = quantize_i8_avx512;
+        k.layer_norm_f32 = layer_norm_f32_avx512;
+        k.rms_norm_f32 = rms_norm_f32_avx512;
         k.quantize_u8 = quantize_u8_avx512;
         k.act_f32 = act_f32_avx512;
         k.softmax_f32 = softmax_f32_avx512;
@@ -157,13 +163,43 @@ kernel! { panel_f32:
 }
 
 kernel! { dynamic_params:
-    /// Activation range with 256-bit vectors: the reference's code.
-    pub fn dynamic_params_avx2 = float::range_avx2, isa = "AVX2 and FMA", when = has_avx2();
+    /// Activation range with 256-bit `vminps`/`vmaxps`.
+    pub fn dynamic_params_avx2 = quant::range_avx2, isa = "AVX2 and FMA", when = has_avx2();
 }
 
 kernel! { dynamic_params:
-    /// Activation range with 512-bit vectors: the reference's code.
-    pub fn dynamic_params_avx512 = float::range_avx512, isa = "AVX-512 F, BW and VNNI", when = has_avx512vnni();
+    /// Activation range with 512-bit `vminps`/`vmaxps`, two vectors a step.
+    pub fn dynamic_params_avx512 = quant::range_avx512, isa = "AVX-512 F, BW and VNNI", when = has_avx512vnni();
+}
+
+kernel! { quantize_i8:
+    /// Int8 KV quantization with 256-bit vectors.
+    pub fn quantize_i8_avx2 = quant::quantize_i8_avx2, isa = "AVX2 and FMA", when = has_avx2();
+}
+
+kernel! { quantize_i8:
+    /// Int8 KV quantization with 512-bit vectors and masked tails.
+    pub fn quantize_i8_avx512 = quant::quantize_i8_avx512, isa = "AVX-512 F, BW and VNNI", when = has_avx512vnni();
+}
+
+kernel! { layer_norm_f32:
+    /// LayerNorm with 256-bit vectors: the reference's code.
+    pub fn layer_norm_f32_avx2 = float::layer_norm_avx2, isa = "AVX2 and FMA", when = has_avx2();
+}
+
+kernel! { layer_norm_f32:
+    /// LayerNorm with 512-bit vectors: the reference's code.
+    pub fn layer_norm_f32_avx512 = float::layer_norm_avx512, isa = "AVX-512 F, BW and VNNI", when = has_avx512vnni();
+}
+
+kernel! { rms_norm_f32:
+    /// RMS norm with 256-bit vectors: the reference's code.
+    pub fn rms_norm_f32_avx2 = float::rms_norm_avx2, isa = "AVX2 and FMA", when = has_avx2();
+}
+
+kernel! { rms_norm_f32:
+    /// RMS norm with 512-bit vectors: the reference's code.
+    pub fn rms_norm_f32_avx512 = float::rms_norm_avx512, isa = "AVX-512 F, BW and VNNI", when = has_avx512vnni();
 }
 
 kernel! { quantize_u8:
@@ -236,7 +272,7 @@ mod float {
     pub(super) unsafe fn dequant_avx512(acc: &[i32], d: Dequant<'_>, out: &mut [f32]) {
         dequant_body(acc, d, out)
     }
-    use crate::nn::{act_body, lstm_cell_body, softmax_body, Act};
+    use crate::nn::{act_body, layer_norm_body, lstm_cell_body, rms_norm_body, softmax_body, Act};
 
     /// # Safety
     /// The CPU must support AVX2 and FMA.
@@ -251,7 +287,7 @@ mod float {
     pub(super) unsafe fn lstm_cell_avx512(g: &[f32], c: &mut [f32], h: &mut [f32]) {
         lstm_cell_body(g, c, h)
     }
-    use crate::quant::{dynamic_params_body, quantize_u8_body};
+    use crate::quant::quantize_u8_body;
 
     /// # Safety
     /// The CPU must support AVX2 and FMA.
@@ -284,15 +320,29 @@ mod float {
     /// # Safety
     /// The CPU must support AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn range_avx2(x: &[f32]) -> (f32, u8) {
-        dynamic_params_body(x)
+    pub(super) unsafe fn layer_norm_avx2(x: &mut [f32], g: &[f32], b: &[f32], eps: f32) {
+        layer_norm_body(x, g, b, eps)
     }
 
     /// # Safety
     /// The CPU must support AVX-512 F.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    pub(super) unsafe fn range_avx512(x: &[f32]) -> (f32, u8) {
-        dynamic_params_body(x)
+    pub(super) unsafe fn layer_norm_avx512(x: &mut [f32], g: &[f32], b: &[f32], eps: f32) {
+        layer_norm_body(x, g, b, eps)
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn rms_norm_avx2(x: &mut [f32], g: &[f32], eps: f32) {
+        rms_norm_body(x, g, eps)
+    }
+
+    /// # Safety
+    /// The CPU must support AVX-512 F.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn rms_norm_avx512(x: &mut [f32], g: &[f32], eps: f32) {
+        rms_norm_body(x, g, eps)
     }
 
     /// # Safety
@@ -478,6 +528,194 @@ kernel! { block_u8i8:
 kernel! { block16_u8i8:
     /// 16 activations × 64 rows per block on AMX tiles, 64 columns per step.
     pub fn block16_u8i8_amx = amx::block16, isa = "AMX int8 (and the kernel's tile grant)", when = has_amx();
+}
+
+/// Range and int8 quantization in intrinsics: LLVM does not vectorize a
+/// min/max reduction over floats without fast-math (the reference's lanes
+/// came out as 32 scalar `vminss`/`vmaxss`), nor the saturating casts of
+/// the int8 rounding. Min and max are exact and order-free, and the
+/// rounding is the reference's operation for operation, so each returns
+/// the reference's bits.
+mod quant {
+    use std::arch::x86_64::*;
+
+    use crate::quant::{i8_scale, params_of_range, to_i8};
+
+    /// Mask of the low `k` ≤ 16 lanes.
+    fn lanes16(k: usize) -> __mmask16 {
+        (((1u32 << k) - 1) & 0xffff) as __mmask16
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn range_avx2(x: &[f32]) -> (f32, u8) {
+        let (n, p) = (x.len(), x.as_ptr());
+        let (mut lo, mut hi) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: i + 8 ≤ n: the 8 floats lie inside `x`.
+            let v = unsafe { _mm256_loadu_ps(p.add(i)) };
+            // (v < lo) ? v : lo, as the reference compares: a NaN loses.
+            lo = _mm256_min_ps(v, lo);
+            hi = _mm256_max_ps(v, hi);
+            i += 8;
+        }
+        let (mut l, mut h) = ([0f32; 8], [0f32; 8]);
+        // SAFETY: each array holds the 8 floats stored.
+        unsafe {
+            _mm256_storeu_ps(l.as_mut_ptr(), lo);
+            _mm256_storeu_ps(h.as_mut_ptr(), hi);
+        }
+        let (mut lo, mut hi) = (0f32, 0f32);
+        for &v in l.iter().chain(&h).chain(&x[i..]) {
+            lo = if v < lo { v } else { lo };
+            hi = if v > hi { v } else { hi };
+        }
+        params_of_range(lo, hi)
+    }
+
+    /// # Safety
+    /// The CPU must support AVX-512 F.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn range_avx512(x: &[f32]) -> (f32, u8) {
+        let (n, p) = (x.len(), x.as_ptr());
+        let z = _mm512_setzero_ps();
+        let (mut lo0, mut hi0, mut lo1, mut hi1) = (z, z, z, z);
+        let mut i = 0;
+        while i + 32 <= n {
+            // SAFETY: i + 32 ≤ n: both vectors lie inside `x`.
+            let (a, b) = unsafe { (_mm512_loadu_ps(p.add(i)), _mm512_loadu_ps(p.add(i + 16))) };
+            // (a < lo) ? a : lo, as the reference compares: a NaN loses.
+            (lo0, hi0) = (_mm512_min_ps(a, lo0), _mm512_max_ps(a, hi0));
+            (lo1, hi1) = (_mm512_min_ps(b, lo1), _mm512_max_ps(b, hi1));
+            i += 32;
+        }
+        while i < n {
+            // Lanes past the end load as 0, which the range holds anyway.
+            // SAFETY: the mask covers only the n − i floats left in `x`.
+            let a = unsafe { _mm512_maskz_loadu_ps(lanes16((n - i).min(16)), p.add(i)) };
+            (lo0, hi0) = (_mm512_min_ps(a, lo0), _mm512_max_ps(a, hi0));
+            i += 16;
+        }
+        let lo = _mm512_reduce_min_ps(_mm512_min_ps(lo0, lo1));
+        let hi = _mm512_reduce_max_ps(_mm512_max_ps(hi0, hi1));
+        params_of_range(lo, hi)
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2; `x` and `q` are equally long.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn quantize_i8_avx2(x: &[f32], q: &mut [i8]) -> f32 {
+        let (n, p) = (x.len(), x.as_ptr());
+        let (abs, inf) = (
+            _mm256_set1_epi32(0x7fff_ffff),
+            _mm256_set1_epi32(0x7f80_0000),
+        );
+        let mut m = _mm256_setzero_si256();
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: i + 8 ≤ n: the 8 floats lie inside `x`.
+            let v = unsafe { _mm256_loadu_si256(p.add(i).cast()) };
+            // |v| as bits, whose integer order is the float order; NaNs
+            // (above infinity's bits) count as 0, as `f32::max` skips them.
+            let a = _mm256_and_si256(v, abs);
+            m = _mm256_max_epi32(m, _mm256_andnot_si256(_mm256_cmpgt_epi32(a, inf), a));
+            i += 8;
+        }
+        let mut lanes = [0u32; 8];
+        // SAFETY: the array holds the 8 lanes stored.
+        unsafe { _mm256_storeu_si256(lanes.as_mut_ptr().cast(), m) };
+        let max = lanes.iter().fold(0f32, |m, &b| m.max(f32::from_bits(b)));
+        let scale = i8_scale(x[i..].iter().fold(max, |m, v| m.max(v.abs())));
+        if scale == 0.0 {
+            q.fill(0);
+            return scale;
+        }
+        let (s, half, sign) = (
+            _mm256_set1_ps(scale),
+            _mm256_set1_ps(0.5),
+            _mm256_set1_ps(-0.0),
+        );
+        let (lo, hi) = (_mm256_set1_ps(-127.0), _mm256_set1_ps(127.0));
+        // The low byte of each dword, then dwords 0 and 4 side by side.
+        let bytes = _mm256_setr_epi8(
+            0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, //
+            0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+        );
+        let pair = _mm256_setr_epi32(0, 4, 0, 0, 0, 0, 0, 0);
+        let mut j = 0;
+        while j + 8 <= n {
+            // SAFETY: j + 8 ≤ n: the 8 floats lie inside `x`.
+            let r = _mm256_div_ps(unsafe { _mm256_loadu_ps(p.add(j)) }, s);
+            // r + copysign(0.5, r), clamped to ±127 where truncating does
+            // the same, and a NaN (ordered compare false) to 0.
+            let t = _mm256_add_ps(r, _mm256_or_ps(half, _mm256_and_ps(r, sign)));
+            let c = _mm256_min_ps(_mm256_max_ps(t, lo), hi);
+            let c = _mm256_and_ps(c, _mm256_cmp_ps::<_CMP_ORD_Q>(t, t));
+            let d = _mm256_permutevar8x32_epi32(
+                _mm256_shuffle_epi8(_mm256_cvttps_epi32(c), bytes),
+                pair,
+            );
+            // SAFETY: j + 8 ≤ n = q.len(): the 8 bytes stored lie inside `q`.
+            unsafe { _mm_storel_epi64(q.as_mut_ptr().add(j).cast(), _mm256_castsi256_si128(d)) };
+            j += 8;
+        }
+        for (q, &v) in q[j..].iter_mut().zip(&x[j..]) {
+            *q = to_i8(v, scale);
+        }
+        scale
+    }
+
+    /// # Safety
+    /// The CPU must support AVX-512 F; `x` and `q` are equally long.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn quantize_i8_avx512(x: &[f32], q: &mut [i8]) -> f32 {
+        let (n, p) = (x.len(), x.as_ptr());
+        let (abs, inf) = (
+            _mm512_set1_epi32(0x7fff_ffff),
+            _mm512_set1_epi32(0x7f80_0000),
+        );
+        let mut m = _mm512_setzero_si512();
+        let mut i = 0;
+        while i < n {
+            let k = lanes16((n - i).min(16));
+            // SAFETY: the mask covers only the floats left in `x`.
+            let v = unsafe { _mm512_maskz_loadu_epi32(k, p.add(i).cast()) };
+            // |v| as bits, whose integer order is the float order; NaNs
+            // (above infinity's bits) count as 0, as `f32::max` skips them.
+            let a = _mm512_and_si512(v, abs);
+            m = _mm512_max_epu32(
+                m,
+                _mm512_maskz_mov_epi32(_mm512_cmple_epu32_mask(a, inf), a),
+            );
+            i += 16;
+        }
+        let scale = i8_scale(f32::from_bits(_mm512_reduce_max_epu32(m)));
+        if scale == 0.0 {
+            q.fill(0);
+            return scale;
+        }
+        let s = _mm512_set1_ps(scale);
+        let (half, sign) = (_mm512_set1_epi32(0x3f00_0000), _mm512_set1_epi32(i32::MIN));
+        let (lo, hi) = (_mm512_set1_ps(-127.0), _mm512_set1_ps(127.0));
+        let mut j = 0;
+        while j < n {
+            let k = lanes16((n - j).min(16));
+            // SAFETY: the mask covers only the floats left in `x`.
+            let r = _mm512_div_ps(unsafe { _mm512_maskz_loadu_ps(k, p.add(j)) }, s);
+            // r + copysign(0.5, r), clamped to ±127 where truncating does
+            // the same, and a NaN (ordered compare false) to 0.
+            let sh = _mm512_or_si512(half, _mm512_and_si512(_mm512_castps_si512(r), sign));
+            let t = _mm512_add_ps(r, _mm512_castsi512_ps(sh));
+            let c = _mm512_min_ps(_mm512_max_ps(t, lo), hi);
+            let d = _mm512_maskz_cvttps_epi32(_mm512_cmp_ps_mask::<_CMP_ORD_Q>(t, t), c);
+            // SAFETY: the mask stores only the bytes left in `q` (as long as `x`).
+            unsafe { _mm512_mask_cvtepi32_storeu_epi8(q.as_mut_ptr().add(j), k, d) };
+            j += 16;
+        }
+        scale
+    }
 }
 
 mod avx2 {

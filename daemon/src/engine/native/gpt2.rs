@@ -232,13 +232,13 @@ impl Gpt2 {
             self.wpe.read(row.pos, xr, true);
         }
         for (l, b) in self.blocks.iter().enumerate() {
-            b.ln1.apply_layer(x, hb);
+            b.ln1.apply_layer(k, x, hb);
             let qkv = &mut big[..n * 3 * h];
             run_linear(k, &b.attn, &hb[..n * h], group, qr, qkv, par);
             for (r, row) in rows.iter().enumerate() {
                 let (kr, vr) = qkv[r * 3 * h + h..(r + 1) * 3 * h].split_at(h);
                 let seq = jobs[row.job].blocks;
-                store_kv(arena, seq, row.pos, l, self.heads, kr, vr);
+                store_kv(k, arena, seq, row.pos, l, self.heads, kr, vr);
             }
             attend_rows(
                 k,
@@ -255,7 +255,7 @@ impl Gpt2 {
             );
             run_linear(k, &b.proj, &att[..n * h], group, qr, tmp, par);
             add(x, &tmp[..n * h]);
-            b.ln2.apply_layer(x, hb);
+            b.ln2.apply_layer(k, x, hb);
             let ff = &mut big[..n * self.ff];
             run_linear(k, &b.fc, &hb[..n * h], group, qr, ff, par);
             let act = if self.gelu_tanh {
@@ -267,7 +267,7 @@ impl Gpt2 {
             run_linear(k, &b.out, ff, group, qr, tmp, par);
             add(x, &tmp[..n * h]);
         }
-        self.ln_f.apply_layer(x, hb);
+        self.ln_f.apply_layer(k, x, hb);
         head_logits(k, &self.head, &hb[..n * h], rows, jobs, qr, logits, par);
     }
 }

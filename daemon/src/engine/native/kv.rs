@@ -153,6 +153,8 @@ fn chain_hash(prev: u64, tokens: &[u32]) -> u64 {
 pub struct KvArena {
     data: Store,
     shape: KvShape,
+    /// One head's int8 keys before they are spread over the block's columns.
+    row: Vec<i8>,
 }
 
 /// One head's keys (`value` false, `[head_dim][BLOCK]`) or values
@@ -179,26 +181,6 @@ enum Store {
     },
 }
 
-/// The int8 scale of `x` (one head's keys or values at one position):
-/// `max |x| / 127`, with an infinity taken as 1e38 (not f32::MAX: 127 times
-/// the scale must stay finite when read). NaNs are ignored.
-fn i8_scale(x: &[f32]) -> f32 {
-    x.iter().fold(0f32, |m, v| m.max(v.abs())).min(1e38) / 127.0
-}
-
-/// One value at `scale` ([`i8_scale`] of its row), rounded half away from
-/// zero. Scalar, so every machine stores the same bytes; a NaN is stored as
-/// 0, an infinity saturates, and a zero row stores zeros.
-fn to_i8(v: f32, scale: f32) -> i8 {
-    if scale == 0.0 {
-        return 0;
-    }
-    // Half away from zero without libm's roundf: |v / scale| ≤ 127 (to
-    // rounding), and `as` truncates toward zero and saturates.
-    let r = v / scale;
-    ((r + 0.5f32.copysign(r)) as i8).max(-127)
-}
-
 impl KvArena {
     /// An arena of `blocks` blocks storing `kind`, and the pool handing them out.
     pub fn new(shape: KvShape, blocks: usize, kind: KvType) -> (KvArena, Arc<BlockPool>) {
@@ -211,7 +193,8 @@ impl KvArena {
                 scale: Pages::zeroed(n / shape.head_dim),
             },
         };
-        (KvArena { data, shape }, BlockPool::new(blocks))
+        let row = vec![0; shape.head_dim];
+        (KvArena { data, shape, row }, BlockPool::new(blocks))
     }
 
     /// Bytes held.
@@ -309,9 +292,13 @@ impl KvArena {
         }
     }
 
-    /// Store one position's key or value for a head.
+    /// Store one position's key or value for a head. An int8 cache
+    /// quantizes the row with `k`'s [`quantize_i8`](Kernels::quantize_i8),
+    /// whose bytes are the same on every ISA.
+    #[allow(clippy::too_many_arguments)]
     pub fn put(
         &mut self,
+        k: &Kernels,
         seq: &SeqBlocks,
         pos: usize,
         layer: usize,
@@ -335,17 +322,13 @@ impl KvArena {
                     col[p] = to_f16(x);
                 }
             }
+            Store::I8 { q, scale } if value => {
+                scale[at / hd + p] = (k.quantize_i8)(x, &mut q[slab][p * hd..][..hd]);
+            }
             Store::I8 { q, scale } => {
-                let s = i8_scale(x);
-                scale[at / hd + p] = s;
-                if value {
-                    for (q, &x) in q[slab][p * hd..][..hd].iter_mut().zip(x) {
-                        *q = to_i8(x, s);
-                    }
-                } else {
-                    for (col, &x) in q[slab].chunks_exact_mut(BLOCK).zip(x) {
-                        col[p] = to_i8(x, s);
-                    }
+                scale[at / hd + p] = (k.quantize_i8)(x, &mut self.row);
+                for (col, &v) in q[slab].chunks_exact_mut(BLOCK).zip(&self.row) {
+                    col[p] = v;
                 }
             }
         }
@@ -473,6 +456,7 @@ mod tests {
 
     #[test]
     fn blocks_are_reserved_and_returned() {
+        let kt = *ember_kernels::kernels();
         for kind in [KvType::F32, KvType::F16] {
             let shape = KvShape {
                 layers: 2,
@@ -486,8 +470,8 @@ mod tests {
             let mut b = SeqBlocks::new(&pool, 64);
             assert!(b.reserve(2 * BLOCK).is_err(), "only one block left");
             b.reserve(BLOCK).unwrap();
-            arena.put(&a, BLOCK, 1, true, 0, &[1.0, 2.0, 3.0, 4.0]);
-            arena.put(&b, 0, 1, true, 0, &[5.0; 4]);
+            arena.put(&kt, &a, BLOCK, 1, true, 0, &[1.0, 2.0, 3.0, 4.0]);
+            arena.put(&kt, &b, 0, 1, true, 0, &[5.0; 4]);
             assert_eq!(slab(&arena, a.table[1], 1, true)[..4], [1.0, 2.0, 3.0, 4.0]);
             assert_eq!(slab(&arena, b.table[0], 1, true)[..4], [5.0; 4]);
             assert_eq!(
@@ -496,7 +480,7 @@ mod tests {
                 "other layer untouched"
             );
             // Keys lie transposed: dimension c of position p at c * BLOCK + p.
-            arena.put(&a, BLOCK + 2, 0, false, 0, &[7.0, 8.0, 9.0, 10.0]);
+            arena.put(&kt, &a, BLOCK + 2, 0, false, 0, &[7.0, 8.0, 9.0, 10.0]);
             let keys = slab(&arena, a.table[1], 0, false);
             let col: Vec<f32> = (0..4).map(|c| keys[c * BLOCK + 2]).collect();
             assert_eq!(col, [7.0, 8.0, 9.0, 10.0]);
@@ -510,6 +494,7 @@ mod tests {
 
     #[test]
     fn an_i8_cache_is_a_quarter_the_size_and_keeps_each_row_to_half_a_step() {
+        let kt = *ember_kernels::kernels();
         let shape = KvShape {
             layers: 2,
             kv_heads: 2,
@@ -531,8 +516,8 @@ mod tests {
         let sizes = [1e-3, 1.0, 40.0, 0.0];
         for p in 0..BLOCK + 3 {
             let f = sizes[p % 4];
-            a8.put(&s, p, 1, true, 1, &row(p, f));
-            a8.put(&s, p, 1, false, 1, &row(p + 100, f));
+            a8.put(&kt, &s, p, 1, true, 1, &row(p, f));
+            a8.put(&kt, &s, p, 1, false, 1, &row(p + 100, f));
         }
         let k = Kernels::generic();
         let read = |block: u32, value: bool| {
@@ -582,6 +567,7 @@ mod tests {
             .all(|&v| v == 0.0));
         // Infinities saturate and a NaN is stored as 0: attention stays finite.
         a8.put(
+            &kt,
             &s,
             0,
             0,
@@ -603,6 +589,7 @@ mod tests {
 
     #[test]
     fn an_f16_cache_is_half_the_size_and_rounds_to_nearest_even() {
+        let kt = *ember_kernels::kernels();
         let shape = KvShape {
             layers: 1,
             kv_heads: 1,
@@ -615,8 +602,8 @@ mod tests {
         s.reserve(1).unwrap();
         let ulp = 2f32.powi(-10);
         // 1 + ulp/2 is a tie: to the even 1.0; 1 + 0.75 ulp rounds up.
-        a16.put(&s, 0, 0, true, 0, &[1.0 + ulp / 2.0, 1.0 + 0.75 * ulp]);
-        a16.put(&s, 0, 0, false, 0, &[-2.5, 1e6]);
+        a16.put(&kt, &s, 0, 0, true, 0, &[1.0 + ulp / 2.0, 1.0 + 0.75 * ulp]);
+        a16.put(&kt, &s, 0, 0, false, 0, &[-2.5, 1e6]);
         assert_eq!(slab(&a16, s.table[0], 0, true)[..2], [1.0, 1.0 + ulp]);
         let keys = slab(&a16, s.table[0], 0, false);
         assert_eq!([keys[0], keys[BLOCK]], [-2.5, 65504.0], "saturated");

@@ -62,10 +62,10 @@ impl RmsNorm {
     }
 
     /// Normalize each row of `x` into `out`.
-    fn apply(&self, x: &[f32], out: &mut [f32]) {
+    fn apply(&self, k: &Kernels, x: &[f32], out: &mut [f32]) {
         out[..x.len()].copy_from_slice(x);
         for row in out[..x.len()].chunks_mut(self.gamma.len()) {
-            nn::rms_norm(row, &self.gamma, self.eps)
+            (k.rms_norm_f32)(row, &self.gamma, self.eps)
         }
     }
 }
@@ -313,7 +313,7 @@ impl Llama {
                 .read(row.token as usize, &mut x[r * h..(r + 1) * h], false);
         }
         for (l, b) in self.blocks.iter().enumerate() {
-            b.norm1.apply(x, hb);
+            b.norm1.apply(k, x, hb);
             let (q, rest) = big.split_at_mut(n * h);
             let (kk, rest) = rest.split_at_mut(n * kvd);
             let vv = &mut rest[..n * kvd];
@@ -329,12 +329,12 @@ impl Llama {
                 self.rope.apply(kr, row.pos);
                 let vr = &vv[r * kvd..(r + 1) * kvd];
                 let seq = jobs[row.job].blocks;
-                store_kv(arena, seq, row.pos, l, self.heads, kr, vr);
+                store_kv(k, arena, seq, row.pos, l, self.heads, kr, vr);
             }
             attend_rows(k, arena, rows, jobs, l, self.heads, q, h, scores, att, par);
             run_linear(k, &b.o, &att[..n * h], group, qr, tmp, par);
             add(x, &tmp[..n * h]);
-            b.norm2.apply(x, hb);
+            b.norm2.apply(k, x, hb);
             let (gate, rest) = big.split_at_mut(n * ff);
             let up = &mut rest[..n * ff];
             {
@@ -349,7 +349,7 @@ impl Llama {
             run_linear(k, &b.down, gate, group, qr, tmp, par);
             add(x, &tmp[..n * h]);
         }
-        self.norm.apply(x, hb);
+        self.norm.apply(k, x, hb);
         head_logits(k, &self.head, &hb[..n * h], rows, jobs, qr, logits, par);
     }
 }

@@ -383,11 +383,11 @@ impl Norm {
     }
 
     /// Layer-normalize each row of `x` (`cols = gamma.len()`) into `out`.
-    pub fn apply_layer(&self, x: &[f32], out: &mut [f32]) {
+    pub fn apply_layer(&self, k: &Kernels, x: &[f32], out: &mut [f32]) {
         let c = self.gamma.len();
         out[..x.len()].copy_from_slice(x);
         for row in out[..x.len()].chunks_mut(c) {
-            ember_kernels::nn::layer_norm(row, &self.gamma, &self.beta, self.eps)
+            (k.layer_norm_f32)(row, &self.gamma, &self.beta, self.eps)
         }
     }
 }
@@ -518,7 +518,9 @@ pub fn attend_group(
 
 /// Store one row's keys and values (`kv_heads × head_dim` each, head after
 /// head) in its sequence's cache at position `pos` of `layer`.
+#[allow(clippy::too_many_arguments)]
 pub fn store_kv(
+    k: &Kernels,
     arena: &mut KvArena,
     seq: &SeqBlocks,
     pos: usize,
@@ -530,8 +532,8 @@ pub fn store_kv(
     let hd = h.head_dim;
     for head in 0..h.kv_heads {
         let at = head * hd;
-        arena.put(seq, pos, layer, false, head, &keys[at..at + hd]);
-        arena.put(seq, pos, layer, true, head, &vals[at..at + hd]);
+        arena.put(k, seq, pos, layer, false, head, &keys[at..at + hd]);
+        arena.put(k, seq, pos, layer, true, head, &vals[at..at + hd]);
     }
 }
 
@@ -701,7 +703,7 @@ mod tests {
                     let at = (s * len + pos) * 2 * kv_heads * hd;
                     let kv: Vec<f32> = (at..at + 2 * kv_heads * hd).map(value).collect();
                     let (keys, vals) = kv.split_at(kv_heads * hd);
-                    store_kv(&mut arena, &b, pos, 0, h, keys, vals);
+                    store_kv(k, &mut arena, &b, pos, 0, h, keys, vals);
                 }
                 seqs.push(b);
             }
