@@ -33,7 +33,14 @@ pub(crate) fn plug(k: &mut Kernels, limit: Isa) {
         k.dot_u8i8 = dot_u8i8_dotprod;
         k.dot_i8i8 = dot_i8i8_dotprod;
         k.tile_u8i8 = tile_u8i8_dotprod;
+        k.qk_q8 = qk_q8_dotprod;
     }
+}
+
+kernel! { qk_q8:
+    /// Integer attention scores with `sdot`: four registers of four keys ×
+    /// four dimensions against the query's four bytes, per group.
+    pub fn qk_q8_dotprod = dotprod::qk_q8, isa = "NEON dotprod", when = has_dotprod();
 }
 
 kernel! { panel_f32:
@@ -306,6 +313,40 @@ mod dotprod {
             i += 16;
         }
         vaddvq_s32(acc) + 128 * vaddvq_s32(sum_b) + tail_u8(&a[i..], &b[i..])
+    }
+
+    /// # Safety
+    /// The CPU must support NEON dotprod; `check_qk_q8`'s conditions hold
+    /// (whole groups of 4 in `q`, as many 64-byte groups in `keys`, a scale
+    /// for each of the ≤ 16 scores).
+    #[target_feature(enable = "neon,dotprod")]
+    pub(super) unsafe fn qk_q8(q: &[i8], keys: &[i8], ks: &[f32], scale: f32, out: &mut [f32]) {
+        // Register i holds keys 4i..4i+4, four dimensions each: `sdot`
+        // against the query's four bytes repeated gives each key's sum of
+        // the group's products in its lane. Exact in i32.
+        let mut acc = [vdupq_n_s32(0); 4];
+        for (g, q4) in q.chunks_exact(4).enumerate() {
+            let qv = vreinterpretq_s8_s32(vdupq_n_s32(i32::from_le_bytes([
+                q4[0] as u8,
+                q4[1] as u8,
+                q4[2] as u8,
+                q4[3] as u8,
+            ])));
+            for (i, a) in acc.iter_mut().enumerate() {
+                // SAFETY: group g's 64 bytes lie inside `keys` (g < q.len()/4
+                // and keys.len() = 16 · q.len(), checked by the caller).
+                let kv = unsafe { vld1q_s8(keys.as_ptr().add(g * 64 + 16 * i)) };
+                *a = sdot(*a, kv, qv);
+            }
+        }
+        let mut dots = [0i32; 16];
+        for (i, a) in acc.iter().enumerate() {
+            // SAFETY: 4 lanes stored at 4i, inside the 16 of `dots`.
+            unsafe { vst1q_s32(dots.as_mut_ptr().add(4 * i), *a) };
+        }
+        for ((o, &d), &s) in out.iter_mut().zip(&dots).zip(ks) {
+            *o = d as f32 * scale * s;
+        }
     }
 
     /// # Safety

@@ -290,20 +290,35 @@ pub(crate) fn qk_f32(f: fn(&[f32], &[f32], f32, &mut [f32])) {
     );
 }
 
-/// Scores on int8 keys: equal to the reference, and to the f32 kernel on
-/// the keys widened first (what an int8 cache did before fusing).
-pub(crate) fn qk_i8(f: fn(&[f32], &[i8], f32, &mut [f32])) {
+/// Integer scores on int8 keys: equal to the reference, and to the plain
+/// per-key sum of products in i64 (the layout's meaning), scaled.
+pub(crate) fn qk_q8(f: crate::dispatch::QkQ8Fn) {
+    const G: usize = generic::KEY_GROUP;
+    let ks = proptest::collection::vec(prop_oneof![Just(0f32), 1e-4f32..0.5], generic::KEY_BLOCK);
+    // The cache and the query hold ±127 at most (quantize_i8 clamps).
+    let q8 = |n| proptest::collection::vec(prop_oneof![Just(-127i8), Just(127i8), -127i8..=127], n);
     run(
-        (0usize..80, 0..=generic::KEY_BLOCK)
-            .prop_flat_map(|(d, n)| (f32s(d), i8s(d * generic::KEY_BLOCK), Just(n))),
-        |(q, keys, n)| {
-            let (mut a, mut b, mut c) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
-            f(&q, &keys, 0.125, &mut a);
-            generic::qk_i8(&q, &keys, 0.125, &mut b);
-            let wide: Vec<f32> = keys.iter().map(|&k| k as f32).collect();
-            generic::qk_f32(&q, &wide, 0.125, &mut c);
+        (0usize..40, 0..=generic::KEY_BLOCK).prop_flat_map(move |(g, n)| {
+            (
+                q8(g * G),
+                q8(g * G * generic::KEY_BLOCK),
+                ks.clone(),
+                Just(n),
+            )
+        }),
+        |(q, keys, ks, n)| {
+            let (mut a, mut b) = (vec![0f32; n], vec![0f32; n]);
+            f(&q, &keys, &ks, 0.125, &mut a);
+            generic::qk_q8(&q, &keys, &ks, 0.125, &mut b);
             prop_assert_eq!(&a, &b);
-            prop_assert_eq!(a, c);
+            for (j, &got) in a.iter().enumerate() {
+                let dot: i64 = (0..q.len())
+                    .map(|d| {
+                        q[d] as i64 * keys[(d / G) * G * generic::KEY_BLOCK + j * G + d % G] as i64
+                    })
+                    .sum();
+                prop_assert_eq!(got, dot as f32 * 0.125 * ks[j]);
+            }
             Ok(())
         },
     );

@@ -202,6 +202,10 @@ pub struct Dequant<'a> {
     pub scale: f32,
 }
 
+/// Scores in integers: the quantized query, a block of int8 keys, their
+/// scales, the scores' common scale, the scores (see [`generic::qk_q8`]).
+pub type QkQ8Fn = fn(&[i8], &[i8], &[f32], f32, &mut [f32]);
+
 /// Function pointers to the best kernels for this CPU.
 #[derive(Debug, Clone, Copy)]
 pub struct Kernels {
@@ -227,8 +231,8 @@ pub struct Kernels {
     pub qk_f32: fn(&[f32], &[f32], f32, &mut [f32]),
     /// Attention's weighted sum of a block of values, see [`generic::pv_f32`].
     pub pv_f32: fn(&[f32], f32, &[f32], &mut [f32]),
-    /// Scores over a block of an int8 cache's keys, see [`generic::qk_i8`].
-    pub qk_i8: fn(&[f32], &[i8], f32, &mut [f32]),
+    /// Scores in integers over a block of an int8 cache's keys, see [`generic::qk_q8`].
+    pub qk_q8: QkQ8Fn,
     /// The weighted sum of a block of an int8 cache's values, see [`generic::pv_i8`].
     pub pv_i8: fn(&[f32], f32, &[i8], &mut [f32]),
     /// Exact f16 → f32 widening of a 16-bit KV cache's blocks, see [`generic::f16_to_f32`].
@@ -267,7 +271,7 @@ impl Kernels {
             dequant_i32: generic::dequant_i32,
             qk_f32: generic::qk_f32,
             pv_f32: generic::pv_f32,
-            qk_i8: generic::qk_i8,
+            qk_q8: generic::qk_q8,
             pv_i8: generic::pv_i8,
             f16_to_f32: generic::f16_to_f32,
             panel_f32: generic::panel_f32,

@@ -10,7 +10,7 @@
 ///           pub fn NAME = IMPL, isa = "what it needs", when = PREDICATE; }
 /// ```
 ///
-/// The kind (`dot_u8i8`, `dot_i8i8`, `tile_u8i8`, `block_u8i8`, `block16_u8i8`, `dequant_i32`, `qk_f32`, `pv_f32`, `qk_i8`, `pv_i8`, `f16_to_f32`, `panel_f32`, `dynamic_params`, `quantize_u8`, `quantize_i8`, `layer_norm_f32`, `rms_norm_f32`, `act_f32`,
+/// The kind (`dot_u8i8`, `dot_i8i8`, `tile_u8i8`, `block_u8i8`, `block16_u8i8`, `dequant_i32`, `qk_f32`, `pv_f32`, `qk_q8`, `pv_i8`, `f16_to_f32`, `panel_f32`, `dynamic_params`, `quantize_u8`, `quantize_i8`, `layer_norm_f32`, `rms_norm_f32`, `act_f32`,
 /// `softmax_f32`, `lstm_cell_f32`) picks the signature, the
 /// precondition check from [`crate::generic`] and the property test from
 /// `crate::check`. The generated `NAME` asserts the preconditions and the CPU
@@ -120,16 +120,18 @@ macro_rules! kernel {
         }
         kernel!(@test $name, $pred, pv_f32);
     };
-    (qk_i8: $(#[$doc:meta])* pub fn $name:ident = $imp:path, isa = $isa:expr, when = $pred:expr;) => {
+    (qk_q8: $(#[$doc:meta])* pub fn $name:ident = $imp:path, isa = $isa:expr, when = $pred:expr;) => {
         $(#[$doc])*
-        pub fn $name(q: &[f32], keys: &[i8], scale: f32, out: &mut [f32]) {
-            crate::generic::check_qk(q, keys, out);
+        pub fn $name(q: &[i8], keys: &[i8], key_scales: &[f32], scale: f32, out: &mut [f32]) {
+            crate::generic::check_qk_q8(q, keys, key_scales, out);
             assert!($pred, concat!(stringify!($name), " needs a CPU with ", $isa));
-            // SAFETY: the CPU features `$imp` needs were checked just above; the
-            // body is safe, bounds-checked Rust.
-            unsafe { $imp(q, keys, scale, out) }
+            // SAFETY: the CPU features `$imp` needs were checked just above;
+            // `check_qk_q8` proved whole groups of 4 in `q`, a block of as many
+            // groups in `keys` and a scale for each of the ≤ 16 scores: all
+            // `$imp` reads and writes.
+            unsafe { $imp(q, keys, key_scales, scale, out) }
         }
-        kernel!(@test $name, $pred, qk_i8);
+        kernel!(@test $name, $pred, qk_q8);
     };
     (pv_i8: $(#[$doc:meta])* pub fn $name:ident = $imp:path, isa = $isa:expr, when = $pred:expr;) => {
         $(#[$doc])*

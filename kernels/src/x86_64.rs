@@ -50,7 +50,7 @@ pub(crate) fn plug(k: &mut Kernels, limit: Isa) {
         k.isa = Isa::Avx2;
         k.qk_f32 = qk_f32_avx2;
         k.pv_f32 = pv_f32_avx2;
-        k.qk_i8 = qk_i8_avx2;
+        k.qk_q8 = qk_q8_avx2;
         k.pv_i8 = pv_i8_avx2;
         k.dequant_i32 = dequant_i32_avx2;
         k.panel_f32 = panel_f32_avx2;
@@ -80,7 +80,7 @@ pub(crate) fn plug(k: &mut Kernels, limit: Isa) {
         k.layout = Layout::Blocks;
         k.qk_f32 = qk_f32_avx512;
         k.pv_f32 = pv_f32_avx512;
-        k.qk_i8 = qk_i8_avx512;
+        k.qk_q8 = qk_q8_avx512vnni;
         k.pv_i8 = pv_i8_avx512;
         k.dequant_i32 = dequant_i32_avx512;
         k.f16_to_f32 = f16_to_f32_avx512;
@@ -130,19 +130,19 @@ kernel! { pv_f32:
     pub fn pv_f32_avx512 = float::pv_avx512, isa = "AVX-512 F, BW and VNNI", when = has_avx512vnni();
 }
 
-kernel! { qk_i8:
-    /// Scores on int8 keys, the reference's code compiled for AVX2.
-    pub fn qk_i8_avx2 = float::qk_i8_avx2, isa = "AVX2 and FMA", when = has_avx2();
+kernel! { qk_q8:
+    /// Integer scores: the reference's code compiled for AVX2 (LLVM widens to i32).
+    pub fn qk_q8_avx2 = float::qk_q8_avx2, isa = "AVX2 and FMA", when = has_avx2();
+}
+
+kernel! { qk_q8:
+    /// Integer scores with `vpdpbusd`: 16 keys × 4 dimensions per instruction.
+    pub fn qk_q8_avx512vnni = avx512vnni::qk_q8, isa = "AVX-512 F, BW and VNNI", when = has_avx512vnni();
 }
 
 kernel! { pv_i8:
     /// The weighted sum of int8 values, the reference's code compiled for AVX2.
     pub fn pv_i8_avx2 = float::pv_i8_avx2, isa = "AVX2 and FMA", when = has_avx2();
-}
-
-kernel! { qk_i8:
-    /// Scores on int8 keys with 512-bit vectors.
-    pub fn qk_i8_avx512 = float::qk_i8_avx512, isa = "AVX-512 F, BW and VNNI", when = has_avx512vnni();
 }
 
 kernel! { pv_i8:
@@ -257,7 +257,7 @@ kernel! { lstm_cell_f32:
 /// results equal the reference bit for bit.
 mod float {
     use crate::dispatch::Dequant;
-    use crate::generic::{dequant_body, f16_to_f32_body, panel_rows, pv_body, qk_body};
+    use crate::generic::{dequant_body, f16_to_f32_body, panel_rows, pv_body, qk_body, qk_q8_body};
 
     /// # Safety
     /// The CPU must support AVX2 and FMA.
@@ -438,8 +438,14 @@ mod float {
     /// # Safety
     /// The CPU must support AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn qk_i8_avx2(q: &[f32], keys: &[i8], scale: f32, out: &mut [f32]) {
-        qk_body(q, keys, scale, out)
+    pub(super) unsafe fn qk_q8_avx2(
+        q: &[i8],
+        keys: &[i8],
+        ks: &[f32],
+        scale: f32,
+        out: &mut [f32],
+    ) {
+        qk_q8_body(q, keys, ks, scale, out)
     }
 
     /// # Safety
@@ -447,13 +453,6 @@ mod float {
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn pv_i8_avx2(p: &[f32], scale: f32, vals: &[i8], out: &mut [f32]) {
         pv_body(p, scale, vals, out)
-    }
-
-    /// # Safety
-    /// The CPU must support AVX-512 F.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    pub(super) unsafe fn qk_i8_avx512(q: &[f32], keys: &[i8], scale: f32, out: &mut [f32]) {
-        qk_body(q, keys, scale, out)
     }
 
     /// # Safety
@@ -1044,6 +1043,64 @@ mod avx512vnni {
     /// Mask of the low `k` < 64 bytes.
     fn tail_mask(k: usize) -> __mmask64 {
         (1u64 << k) - 1
+    }
+
+    /// # Safety
+    /// The CPU must support AVX-512 F, BW and VNNI; `check_qk_q8`'s
+    /// conditions hold (whole groups of 4 in `q`, as many 64-byte groups in
+    /// `keys`, a scale for each of the ≤ 16 scores).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn qk_q8(q: &[i8], keys: &[i8], ks: &[f32], scale: f32, out: &mut [f32]) {
+        // `vpdpbusd` multiplies u8 by i8: the query goes in as q + 128 (its
+        // bytes with the top bit flipped), and 128 · Σk comes off again,
+        // Σk from a second `vpdpbusd` against ones. Exact in i32 (|q|, |k|
+        // ≤ 127). Two chains of each (even and odd groups), in registers, so
+        // they do not wait on each other.
+        let ones = _mm512_set1_epi8(1);
+        let z = _mm512_setzero_si512();
+        let (mut acc0, mut acc1, mut sum0, mut sum1) = (z, z, z, z);
+        let word = |q4: &[i8]| {
+            let w = u32::from_le_bytes([q4[0] as u8, q4[1] as u8, q4[2] as u8, q4[3] as u8]);
+            _mm512_set1_epi32((w ^ 0x8080_8080) as i32)
+        };
+        let kp = keys.as_ptr();
+        let pairs = q.chunks_exact(8);
+        let last = pairs.remainder();
+        for (g, q8) in pairs.enumerate() {
+            // SAFETY: groups 2g and 2g + 1 (64 bytes each) lie inside `keys`
+            // (2g + 1 < q.len()/4 and keys.len() = 16 · q.len(), checked by
+            // the caller).
+            let (k0, k1) = unsafe {
+                (
+                    _mm512_loadu_si512(kp.add(g * 128).cast()),
+                    _mm512_loadu_si512(kp.add(g * 128 + 64).cast()),
+                )
+            };
+            acc0 = _mm512_dpbusd_epi32(acc0, word(&q8[..4]), k0);
+            sum0 = _mm512_dpbusd_epi32(sum0, ones, k0);
+            acc1 = _mm512_dpbusd_epi32(acc1, word(&q8[4..]), k1);
+            sum1 = _mm512_dpbusd_epi32(sum1, ones, k1);
+        }
+        if !last.is_empty() {
+            // SAFETY: the last group's 64 bytes end `keys` (checked as above).
+            let k0 = unsafe { _mm512_loadu_si512(kp.add((q.len() / 8) * 128).cast()) };
+            acc0 = _mm512_dpbusd_epi32(acc0, word(last), k0);
+            sum0 = _mm512_dpbusd_epi32(sum0, ones, k0);
+        }
+        let dot = _mm512_sub_epi32(
+            _mm512_add_epi32(acc0, acc1),
+            _mm512_slli_epi32::<7>(_mm512_add_epi32(sum0, sum1)),
+        );
+        let m: __mmask16 = ((1u32 << out.len()) - 1) as __mmask16;
+        // SAFETY: the mask covers out.len() ≤ 16 lanes, and ks holds at
+        // least that many scales (checked by the caller).
+        let kscale = unsafe { _mm512_maskz_loadu_ps(m, ks.as_ptr()) };
+        let r = _mm512_mul_ps(
+            _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(scale)),
+            kscale,
+        );
+        // SAFETY: the mask stores only the out.len() lanes `out` holds.
+        unsafe { _mm512_mask_storeu_ps(out.as_mut_ptr(), m, r) };
     }
 
     /// # Safety

@@ -24,14 +24,17 @@
 //! and the bytes a step of long sequences reads, which is what limits a
 //! batch on small models. With `kv_cache = "i8"` each head's keys or values
 //! at a position are int8 with one f32 scale (`max |x| / 127`), quantized
-//! once when written (scalar, so every machine stores the same bytes) and
-//! read as stored by attention kernels that widen it in registers
-//! (`qk_i8`, `pv_i8`): a quarter of the f32 bytes plus the scales.
+//! once when written (`quantize_i8`, the same bytes on every machine) and
+//! read as stored: values by a kernel that widens them in registers
+//! (`pv_i8`), keys by an integer score kernel against the query quantized
+//! the same way (`qk_q8`), for which an int8 block's keys lie in groups of
+//! 4 dimensions, `[head dim / 4][position in block][4]`. A quarter of the
+//! f32 bytes plus the scales.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
-use ember_kernels::generic::{f32_to_f16, to_f16};
+use ember_kernels::generic::{f32_to_f16, to_f16, KEY_GROUP};
 use ember_kernels::pages::Pages;
 use ember_kernels::{mem, Kernels};
 
@@ -44,7 +47,8 @@ pub const BLOCK: usize = ember_kernels::generic::KEY_BLOCK;
 #[derive(Debug, Clone, Copy)]
 pub enum SlabView<'a> {
     F32(&'a [f32]),
-    /// Int8 values and each position's scale.
+    /// Int8 values and each position's scale; keys in groups of
+    /// [`KEY_GROUP`] dimensions (see the module docs).
     I8(&'a [i8], &'a [f32; BLOCK]),
 }
 
@@ -193,8 +197,17 @@ impl KvArena {
                 scale: Pages::zeroed(n / shape.head_dim),
             },
         };
+        assert!(
+            kind != KvType::I8 || shape.head_dim.is_multiple_of(KEY_GROUP),
+            "an int8 KV cache needs a head size in whole groups of {KEY_GROUP}"
+        );
         let row = vec![0; shape.head_dim];
         (KvArena { data, shape, row }, BlockPool::new(blocks))
+    }
+
+    /// Whether the cache holds int8 (attention then scores in integers).
+    pub fn is_int8(&self) -> bool {
+        matches!(self.data, Store::I8 { .. })
     }
 
     /// Bytes held.
@@ -225,9 +238,10 @@ impl KvArena {
     /// The first `len` values of a slab as the attention kernels take them:
     /// f32 (the cache itself, or widened into `buf`, at least `len` long,
     /// from f16), or an int8 slab as stored, with its [`BLOCK`] per-position
-    /// scales, which the caller applies: to each position's score (keys) or
-    /// weight (values). Int8 is not widened here: its kernels
-    /// ([`Kernels::qk_i8`], [`Kernels::pv_i8`]) widen in registers.
+    /// scales, which the kernels apply: to each position's score (keys) or
+    /// weight (values). Int8 is not widened here: values are widened in
+    /// registers ([`Kernels::pv_i8`]), keys scored in integers
+    /// ([`Kernels::qk_q8`]).
     pub fn read<'a>(
         &'a self,
         k: &Kernels,
@@ -259,6 +273,17 @@ impl KvArena {
         let mut buf = vec![0.0; len];
         let (mut v, sc) = match self.read(k, s, len, &mut buf) {
             SlabView::F32(v) => (v.to_vec(), None),
+            // Keys in groups of KEY_GROUP dimensions: back to [dim][position].
+            SlabView::I8(q, sc) if !s.value => (
+                (0..q.len())
+                    .map(|i| {
+                        let (d, p) = (i / BLOCK, i % BLOCK);
+                        q[(d / KEY_GROUP) * KEY_GROUP * BLOCK + p * KEY_GROUP + d % KEY_GROUP]
+                            as f32
+                    })
+                    .collect(),
+                Some(sc),
+            ),
             SlabView::I8(q, sc) => (q.iter().map(|&x| x as f32).collect(), Some(sc)),
         };
         if let Some(sc) = sc {
@@ -327,8 +352,12 @@ impl KvArena {
             }
             Store::I8 { q, scale } => {
                 scale[at / hd + p] = (k.quantize_i8)(x, &mut self.row);
-                for (col, &v) in q[slab].chunks_exact_mut(BLOCK).zip(&self.row) {
-                    col[p] = v;
+                const G: usize = KEY_GROUP;
+                for (group, v) in q[slab]
+                    .chunks_exact_mut(G * BLOCK)
+                    .zip(self.row.chunks_exact(G))
+                {
+                    group[p * G..][..G].copy_from_slice(v);
                 }
             }
         }

@@ -302,6 +302,14 @@ impl NativeBackend {
         let context = dir.context_length().unwrap_or(max_pos).min(max_pos);
         let seqs = opts.max_seqs.max(1);
         let blocks = seqs * context.div_ceil(kv::BLOCK);
+        if opts.kv_cache == crate::engine::KvType::I8 && !ops::int8_attention_fits(shape.head_dim) {
+            return Err(format!(
+                "an int8 KV cache needs a head size of at most {} in whole groups of {}; this model's is {}",
+                ops::Q8_MAX / ops::GROUP_MAX,
+                ember_kernels::generic::KEY_GROUP,
+                shape.head_dim
+            ));
+        }
         let (arena, pool) = KvArena::new(shape, blocks, opts.kv_cache);
         let kv_bytes = arena.bytes();
         let weight_bytes = net.weight_bytes();

@@ -405,6 +405,16 @@ pub struct Heads {
 /// several calls).
 pub const GROUP_MAX: usize = 16;
 
+/// Bytes of the quantized queries of one [`attend_group`] call on an int8
+/// cache (on the stack): [`GROUP_MAX`] heads of up to 256.
+pub const Q8_MAX: usize = GROUP_MAX * 256;
+
+/// Whether attention on an int8 cache takes this head size: whole groups
+/// for the integer score kernel, and a group's queries within [`Q8_MAX`].
+pub fn int8_attention_fits(head_dim: usize) -> bool {
+    head_dim.is_multiple_of(ember_kernels::generic::KEY_GROUP) && head_dim * GROUP_MAX <= Q8_MAX
+}
+
 /// How many blocks ahead [`attend_group`] prefetches KV slabs. One block's
 /// arithmetic for a group (~0.2 µs) is shorter than a 4 KiB slab takes to
 /// arrive from memory; on the Zen 4 EPYC the SmolLM-135M-shaped model
@@ -446,6 +456,21 @@ pub fn attend_group(
     assert!(row >= n, "scores shorter than the context");
     let slab = arena.slab_len();
     let blocks = &seq.table[..n.div_ceil(BLOCK)];
+    // An int8 cache scores in integers: each head's query quantized as the
+    // keys are, its scale folded into the score scale.
+    // (A heapless vector: zeroing the whole stack array per call cost more.)
+    let mut q8: heapless::Vec<i8, Q8_MAX> = heapless::Vec::new();
+    let mut q8_scale = [0f32; GROUP_MAX];
+    if arena.is_int8() {
+        q8.resize(q.len(), 0).expect("int8_attention_fits at load");
+        for ((qh, q8h), s) in q
+            .chunks_exact(hd)
+            .zip(q8.chunks_exact_mut(hd))
+            .zip(&mut q8_scale)
+        {
+            *s = (k.quantize_i8)(qh, q8h) * h.scale;
+        }
+    }
     let keys = |block| Slab {
         block,
         layer,
@@ -471,14 +496,16 @@ pub fn attend_group(
             }
         }
         let view = arena.read(k, keys(block), slab, buf);
-        for (qh, s) in q.chunks_exact(hd).zip(scores.chunks_exact_mut(row)) {
+        for (i, (qh, s)) in q
+            .chunks_exact(hd)
+            .zip(scores.chunks_exact_mut(row))
+            .enumerate()
+        {
             let s = &mut s[b * BLOCK..b * BLOCK + m];
             match view {
                 SlabView::F32(keys) => (k.qk_f32)(qh, keys, h.scale, s),
-                // An int8 cache's keys: each position's scale, on its score.
                 SlabView::I8(keys, ks) => {
-                    (k.qk_i8)(qh, keys, h.scale, s);
-                    s.iter_mut().zip(ks).for_each(|(s, &ks)| *s *= ks);
+                    (k.qk_q8)(&q8[i * hd..(i + 1) * hd], keys, ks, q8_scale[i], s)
                 }
             }
         }
