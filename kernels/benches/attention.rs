@@ -1,7 +1,7 @@
-//! Attention's float kernels per instruction set, on one KV block of one head
-//! (16 positions, head dimension 64 as in GPT-2 and SmolLM):
-//! `cargo bench -p ember-kernels --bench attention`. Throughput is the
-//! block's keys or values read.
+//! Attention's kernels per instruction set, on one KV block of one head
+//! (16 positions, head dimension 64 as in GPT-2 and SmolLM), f32 and an int8
+//! cache's (`qk_q8`, `pv_q8`): `cargo bench -p ember-kernels --bench
+//! attention`. Throughput is the block's keys or values read.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use ember_kernels::generic::KEY_BLOCK;
@@ -26,6 +26,22 @@ fn block(c: &mut Criterion) {
         g.bench_function(BenchmarkId::new("pv", k.isa.name()), |b| {
             let mut out = vec![0f32; d];
             b.iter(|| (k.pv_f32)(black_box(&p), 0.5, black_box(&kv), &mut out))
+        });
+    }
+    g.finish();
+    let q8: Vec<i8> = q.iter().map(|&x| (x * 127.0) as i8).collect();
+    let kv8: Vec<i8> = kv.iter().map(|&x| (x * 127.0) as i8).collect();
+    let scales = [0.01f32; KEY_BLOCK];
+    let mut g = c.benchmark_group("attention_block_i8");
+    g.throughput(Throughput::Bytes((d * KEY_BLOCK) as u64));
+    for k in Kernels::all_available() {
+        g.bench_function(BenchmarkId::new("qk_q8", k.isa.name()), |b| {
+            let mut out = [0f32; KEY_BLOCK];
+            b.iter(|| (k.qk_q8)(black_box(&q8), black_box(&kv8), &scales, 0.125, &mut out))
+        });
+        g.bench_function(BenchmarkId::new("pv_q8", k.isa.name()), |b| {
+            let mut out = vec![0f32; d];
+            b.iter(|| (k.pv_q8)(black_box(&p), 0.5, black_box(&kv8), &mut out))
         });
     }
     g.finish();

@@ -324,19 +324,39 @@ pub(crate) fn qk_q8(f: crate::dispatch::QkQ8Fn) {
     );
 }
 
-/// The weighted sum on int8 values: equal to the reference, and to the f32
-/// kernel on the values widened first.
-pub(crate) fn pv_i8(f: fn(&[f32], f32, &[i8], &mut [f32])) {
+/// The integer weighted sum on int8 values: equal to the reference, and to
+/// the plain per-dimension sum of the quantized weights' products in i64
+/// (the layout's meaning), scaled and added.
+pub(crate) fn pv_q8(f: fn(&[f32], f32, &[i8], &mut [f32])) {
+    const G: usize = generic::KEY_GROUP;
+    let w = |n| {
+        proptest::collection::vec(
+            prop_oneof![Just(0f32), Just(1f32), 0f32..1.0, 0f32..1e-3],
+            n,
+        )
+    };
+    let v8 = |n| proptest::collection::vec(prop_oneof![Just(-127i8), Just(127i8), -127i8..=127], n);
     run(
-        (0usize..80, 0usize..20).prop_flat_map(|(d, n)| (f32s(n), i8s(d * n), f32s(d))),
-        |(p, vals, out)| {
-            let (mut a, mut b, mut c) = (out.clone(), out.clone(), out);
-            f(&p, 0.5, &vals, &mut a);
-            generic::pv_i8(&p, 0.5, &vals, &mut b);
-            let wide: Vec<f32> = vals.iter().map(|&v| v as f32).collect();
-            generic::pv_f32(&p, 0.5, &wide, &mut c);
+        (0usize..80, 0..=generic::KEY_BLOCK)
+            .prop_flat_map(move |(d, n)| (w(n), v8(d * generic::KEY_BLOCK), f32s(d))),
+        |(w, vals, out)| {
+            let (mut a, mut b) = (out.clone(), out.clone());
+            f(&w, 0.5, &vals, &mut a);
+            generic::pv_q8(&w, 0.5, &vals, &mut b);
             prop_assert_eq!(&a, &b);
-            prop_assert_eq!(a, c);
+            let (wq, ws) = generic::weights_u8(&w);
+            let d = out.len();
+            for (c, (&got, &o)) in a.iter().zip(&out).enumerate() {
+                let dot: i64 = (0..w.len())
+                    .map(|s| wq[s] as i64 * vals[(s / G) * G * d + c * G + s % G] as i64)
+                    .sum();
+                let want = if ws == 0.0 {
+                    o
+                } else {
+                    o + dot as f32 * (ws * 0.5)
+                };
+                prop_assert_eq!(got, want);
+            }
             Ok(())
         },
     );

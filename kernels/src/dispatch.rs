@@ -233,8 +233,8 @@ pub struct Kernels {
     pub pv_f32: fn(&[f32], f32, &[f32], &mut [f32]),
     /// Scores in integers over a block of an int8 cache's keys, see [`generic::qk_q8`].
     pub qk_q8: QkQ8Fn,
-    /// The weighted sum of a block of an int8 cache's values, see [`generic::pv_i8`].
-    pub pv_i8: fn(&[f32], f32, &[i8], &mut [f32]),
+    /// The weighted sum in integers of a block of an int8 cache's values, see [`generic::pv_q8`].
+    pub pv_q8: fn(&[f32], f32, &[i8], &mut [f32]),
     /// Exact f16 → f32 widening of a 16-bit KV cache's blocks, see [`generic::f16_to_f32`].
     pub f16_to_f32: fn(&[u16], &mut [f32]),
     /// A float product on a panel of 64 columns for 1–4 rows, see [`generic::panel_f32`].
@@ -272,7 +272,7 @@ impl Kernels {
             qk_f32: generic::qk_f32,
             pv_f32: generic::pv_f32,
             qk_q8: generic::qk_q8,
-            pv_i8: generic::pv_i8,
+            pv_q8: generic::pv_q8,
             f16_to_f32: generic::f16_to_f32,
             panel_f32: generic::panel_f32,
             dynamic_params: crate::quant::dynamic_params,

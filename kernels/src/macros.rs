@@ -10,7 +10,7 @@
 ///           pub fn NAME = IMPL, isa = "what it needs", when = PREDICATE; }
 /// ```
 ///
-/// The kind (`dot_u8i8`, `dot_i8i8`, `tile_u8i8`, `block_u8i8`, `block16_u8i8`, `dequant_i32`, `qk_f32`, `pv_f32`, `qk_q8`, `pv_i8`, `f16_to_f32`, `panel_f32`, `dynamic_params`, `quantize_u8`, `quantize_i8`, `layer_norm_f32`, `rms_norm_f32`, `act_f32`,
+/// The kind (`dot_u8i8`, `dot_i8i8`, `tile_u8i8`, `block_u8i8`, `block16_u8i8`, `dequant_i32`, `qk_f32`, `pv_f32`, `qk_q8`, `pv_q8`, `f16_to_f32`, `panel_f32`, `dynamic_params`, `quantize_u8`, `quantize_i8`, `layer_norm_f32`, `rms_norm_f32`, `act_f32`,
 /// `softmax_f32`, `lstm_cell_f32`) picks the signature, the
 /// precondition check from [`crate::generic`] and the property test from
 /// `crate::check`. The generated `NAME` asserts the preconditions and the CPU
@@ -133,16 +133,17 @@ macro_rules! kernel {
         }
         kernel!(@test $name, $pred, qk_q8);
     };
-    (pv_i8: $(#[$doc:meta])* pub fn $name:ident = $imp:path, isa = $isa:expr, when = $pred:expr;) => {
+    (pv_q8: $(#[$doc:meta])* pub fn $name:ident = $imp:path, isa = $isa:expr, when = $pred:expr;) => {
         $(#[$doc])*
-        pub fn $name(p: &[f32], scale: f32, vals: &[i8], out: &mut [f32]) {
-            crate::generic::check_pv(p, vals, out);
+        pub fn $name(w: &[f32], scale: f32, vals: &[i8], out: &mut [f32]) {
+            crate::generic::check_pv_q8(w, vals, out);
             assert!($pred, concat!(stringify!($name), " needs a CPU with ", $isa));
-            // SAFETY: the CPU features `$imp` needs were checked just above; the
-            // body is safe, bounds-checked Rust.
-            unsafe { $imp(p, scale, vals, out) }
+            // SAFETY: the CPU features `$imp` needs were checked just above;
+            // `check_pv_q8` proved at most 16 weights and a whole block of
+            // out.len() dimensions in `vals`: all `$imp` reads and writes.
+            unsafe { $imp(w, scale, vals, out) }
         }
-        kernel!(@test $name, $pred, pv_i8);
+        kernel!(@test $name, $pred, pv_q8);
     };
     (f16_to_f32: $(#[$doc:meta])* pub fn $name:ident = $imp:path, isa = $isa:expr, when = $pred:expr;) => {
         $(#[$doc])*

@@ -124,8 +124,10 @@ pub enum KvType {
     /// Symmetric int8 with one f32 scale per position and KV head: a
     /// quarter of the f32 memory (plus 1/16 for the scales at head
     /// dimension 64) and of what attention reads per step, for a larger
-    /// change in logits than f16. Widened to f32 for the attention kernels,
-    /// so every ISA computes the same values.
+    /// change in logits than f16. Attention reads it in integers: scores
+    /// against the query quantized the same way, the weighted sum with the
+    /// softmax weights quantized to u8 per block, exact in i32, so every
+    /// ISA computes the same values.
     I8,
 }
 

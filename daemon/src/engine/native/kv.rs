@@ -25,11 +25,12 @@
 //! batch on small models. With `kv_cache = "i8"` each head's keys or values
 //! at a position are int8 with one f32 scale (`max |x| / 127`), quantized
 //! once when written (`quantize_i8`, the same bytes on every machine) and
-//! read as stored: values by a kernel that widens them in registers
-//! (`pv_i8`), keys by an integer score kernel against the query quantized
+//! read as stored by integer kernels: scores against the query quantized
 //! the same way (`qk_q8`), for which an int8 block's keys lie in groups of
-//! 4 dimensions, `[head dim / 4][position in block][4]`. A quarter of the
-//! f32 bytes plus the scales.
+//! 4 dimensions, `[head dim / 4][position in block][4]`, and the weighted
+//! sum with the weights quantized to u8 per block (`pv_q8`), for which the
+//! values lie in groups of 4 positions, `[position / 4][head dim][4]`. A
+//! quarter of the f32 bytes plus the scales.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -239,9 +240,8 @@ impl KvArena {
     /// f32 (the cache itself, or widened into `buf`, at least `len` long,
     /// from f16), or an int8 slab as stored, with its [`BLOCK`] per-position
     /// scales, which the kernels apply: to each position's score (keys) or
-    /// weight (values). Int8 is not widened here: values are widened in
-    /// registers ([`Kernels::pv_i8`]), keys scored in integers
-    /// ([`Kernels::qk_q8`]).
+    /// weight (values). Int8 is not widened here: its kernels work in
+    /// integers ([`Kernels::qk_q8`], [`Kernels::pv_q8`]) and take whole slabs.
     pub fn read<'a>(
         &'a self,
         k: &Kernels,
@@ -260,7 +260,8 @@ impl KvArena {
                 let sc = scale[at / self.shape.head_dim..][..BLOCK]
                     .try_into()
                     .expect("BLOCK scales");
-                SlabView::I8(&q[at..at + len], sc)
+                // Whole slabs: int8 blocks are laid out in groups of positions.
+                SlabView::I8(&q[at..at + self.slab_len()], sc)
             }
         }
     }
@@ -275,7 +276,7 @@ impl KvArena {
             SlabView::F32(v) => (v.to_vec(), None),
             // Keys in groups of KEY_GROUP dimensions: back to [dim][position].
             SlabView::I8(q, sc) if !s.value => (
-                (0..q.len())
+                (0..len)
                     .map(|i| {
                         let (d, p) = (i / BLOCK, i % BLOCK);
                         q[(d / KEY_GROUP) * KEY_GROUP * BLOCK + p * KEY_GROUP + d % KEY_GROUP]
@@ -284,7 +285,15 @@ impl KvArena {
                     .collect(),
                 Some(sc),
             ),
-            SlabView::I8(q, sc) => (q.iter().map(|&x| x as f32).collect(), Some(sc)),
+            // Values in groups of KEY_GROUP positions: back to [position][dim].
+            SlabView::I8(q, sc) => {
+                let hd = self.shape.head_dim;
+                let at = |i: usize| {
+                    let (p, d) = (i / hd, i % hd);
+                    (p / KEY_GROUP) * KEY_GROUP * hd + d * KEY_GROUP + p % KEY_GROUP
+                };
+                ((0..len).map(|i| q[at(i)] as f32).collect(), Some(sc))
+            }
         };
         if let Some(sc) = sc {
             if s.value {
@@ -348,7 +357,13 @@ impl KvArena {
                 }
             }
             Store::I8 { q, scale } if value => {
-                scale[at / hd + p] = (k.quantize_i8)(x, &mut q[slab][p * hd..][..hd]);
+                // Values in groups of KEY_GROUP positions: [position / 4][dim][4].
+                scale[at / hd + p] = (k.quantize_i8)(x, &mut self.row);
+                const G: usize = KEY_GROUP;
+                let group = &mut q[slab][(p / G) * G * hd..][..G * hd];
+                for (dim, &v) in group.chunks_exact_mut(G).zip(&self.row) {
+                    dim[p % G] = v;
+                }
             }
             Store::I8 { q, scale } => {
                 scale[at / hd + p] = (k.quantize_i8)(x, &mut self.row);

@@ -536,7 +536,7 @@ pub fn attend_group(
                     for ((w, &p), &v) in w.iter_mut().zip(p).zip(vs) {
                         *w = p * v;
                     }
-                    (k.pv_i8)(&w[..m], inv, vals, o)
+                    (k.pv_q8)(&w[..m], inv, vals, o)
                 }
             }
         }
