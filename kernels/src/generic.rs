@@ -311,7 +311,7 @@ pub(crate) fn dequant_body(acc: &[i32], d: crate::dispatch::Dequant<'_>, out: &m
 }
 
 /// Panics unless `vals` holds `p.len()` rows of `out.len()` (for [`pv_f32`]).
-pub fn check_pv<T>(p: &[f32], vals: &[T], out: &[f32]) {
+pub fn check_pv(p: &[f32], vals: &[f32], out: &[f32]) {
     assert_eq!(
         vals.len(),
         p.len() * out.len(),
@@ -468,36 +468,23 @@ pub(crate) fn qk_q8_body(q: &[i8], keys: &[i8], key_scales: &[f32], scale: f32, 
     }
 }
 
-/// What the float attention kernels read from a cache block (f32 only now:
-/// an int8 cache has integer kernels, [`qk_q8`] and [`pv_q8`]).
-pub(crate) trait KvElem: Copy {
-    fn widen(self) -> f32;
-}
-
-impl KvElem for f32 {
-    #[inline(always)]
-    fn widen(self) -> f32 {
-        self
-    }
-}
-
 /// The body of [`qk_f32`], inlined into each ISA's copy: four
 /// accumulators (dimensions `d mod 4`, so the adds do not wait on each
 /// other), summed as `(a0 + a1) + (a2 + a3)`.
 #[inline(always)]
-pub(crate) fn qk_body<T: KvElem>(q: &[f32], keys: &[T], scale: f32, out: &mut [f32]) {
+pub(crate) fn qk_body(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) {
     const K: usize = KEY_BLOCK;
     let mut acc = [[0f32; K]; 4];
     let (q4, k4) = (q.chunks_exact(4), keys.chunks_exact(4 * K));
     for (&x, k) in q4.remainder().iter().zip(k4.remainder().chunks_exact(K)) {
         for j in 0..K {
-            acc[0][j] += x * k[j].widen();
+            acc[0][j] += x * k[j];
         }
     }
     for (x, k) in q4.zip(k4) {
         for (a, acc) in acc.iter_mut().enumerate() {
             for j in 0..K {
-                acc[j] += x[a] * k[a * K + j].widen();
+                acc[j] += x[a] * k[a * K + j];
             }
         }
     }
@@ -635,22 +622,22 @@ pub fn to_f16(x: f32) -> u16 {
 /// [`LANES`]-wide chunks (64 values, a whole attention head) at a time, while
 /// the value rows stream by once; each output lane sums its rows in order.
 #[inline(always)]
-pub(crate) fn pv_body<T: KvElem>(p: &[f32], scale: f32, vals: &[T], out: &mut [f32]) {
+pub(crate) fn pv_body(p: &[f32], scale: f32, vals: &[f32], out: &mut [f32]) {
     let d = out.len();
     let mut c = 0;
     while c + 4 * LANES <= d {
-        pv_cols::<T, 4>(p, scale, vals, d, c, out);
+        pv_cols::<4>(p, scale, vals, d, c, out);
         c += 4 * LANES;
     }
     while c + LANES <= d {
-        pv_cols::<T, 1>(p, scale, vals, d, c, out);
+        pv_cols::<1>(p, scale, vals, d, c, out);
         c += LANES;
     }
     if c < d {
         for (s, &ps) in p.iter().enumerate() {
             let ps = ps * scale;
             for (o, v) in out[c..].iter_mut().zip(&vals[s * d + c..(s + 1) * d]) {
-                *o += ps * v.widen();
+                *o += ps * v;
             }
         }
     }
@@ -661,10 +648,10 @@ pub(crate) fn pv_body<T: KvElem>(p: &[f32], scale: f32, vals: &[T], out: &mut [f
 /// each other, which otherwise bounds a block by the add latency), summed
 /// at the end as `even + odd`.
 #[inline(always)]
-fn pv_cols<T: KvElem, const W: usize>(
+fn pv_cols<const W: usize>(
     p: &[f32],
     scale: f32,
-    vals: &[T],
+    vals: &[f32],
     d: usize,
     c: usize,
     out: &mut [f32],
@@ -677,8 +664,8 @@ fn pv_cols<T: KvElem, const W: usize>(
         let v1 = &vals[(2 * i + 1) * d + c..][..n];
         for w in 0..W {
             for l in 0..LANES {
-                even[w][l] += p0 * v0[w * LANES + l].widen();
-                odd[w][l] += p1 * v1[w * LANES + l].widen();
+                even[w][l] += p0 * v0[w * LANES + l];
+                odd[w][l] += p1 * v1[w * LANES + l];
             }
         }
     }
@@ -688,7 +675,7 @@ fn pv_cols<T: KvElem, const W: usize>(
         let v = &vals[s * d + c..][..n];
         for w in 0..W {
             for l in 0..LANES {
-                even[w][l] += ps * v[w * LANES + l].widen();
+                even[w][l] += ps * v[w * LANES + l];
             }
         }
     }

@@ -925,9 +925,7 @@ mod avx2 {
         }
         for (s, a) in acc.iter().enumerate() {
             for j in 0..4 {
-                // [r0 r1 r4 r5 | r2 r3 r6 r7] -> rows in order.
-                let h = _mm256_hadd_epi32(a[2 * j], a[2 * j + 1]);
-                let v = _mm256_permute4x64_epi64(h, 0b11_01_10_00);
+                let v = pairs8(a[2 * j], a[2 * j + 1]);
                 // SAFETY: 8 writable i32 (32 bytes) at row s · 32 + 8j ≤ 56; unaligned store.
                 unsafe {
                     _mm256_storeu_si256(out.as_mut_ptr().add(s * ROWS + 8 * j) as *mut __m256i, v)
@@ -994,14 +992,13 @@ mod avx2 {
         }
         for (s, acc_s) in acc.iter().enumerate() {
             for (o, a) in out.iter_mut().zip(acc_s) {
-                // [r0 r1 r4 r5 | r2 r3 r6 r7] -> rows in order.
-                let h = _mm256_hadd_epi32(a[0], a[1]);
-                let v = _mm256_permute4x64_epi64(h, 0b11_01_10_00);
+                let v = pairs8(a[0], a[1]);
                 // SAFETY: 8 writable i32 (32 bytes) at row s · SLICE; unaligned store.
                 unsafe { _mm256_storeu_si256(o.as_mut_ptr().add(s * SLICE) as *mut __m256i, v) };
             }
         }
     }
+
     /// Four i16 as `vpmaddwd`'s second operand for a group of 4 widened
     /// bytes: `[a, b, c, d]` in every 64-bit lane.
     #[inline]
@@ -1015,7 +1012,8 @@ mod avx2 {
     }
 
     /// Eight sums in order from two `vpmaddwd` accumulators over groups of 4
-    /// (`a`: items 0–3, `b`: items 4–7, two partial sums per item).
+    /// (`a`: items 0–3, `b`: items 4–7, two partial sums per item): the
+    /// block kernels' rows, `qk_q8`'s keys, `pv_q8`'s dimensions.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     fn pairs8(a: __m256i, b: __m256i) -> __m256i {
