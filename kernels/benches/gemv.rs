@@ -15,7 +15,8 @@ use ember_kernels::gemv::{gemm, PackedI8, QVec};
 use ember_kernels::quant::dynamic_quantize_u8;
 use ember_kernels::{Kernels, Layout};
 
-/// Deterministic pseudo-random i8 weights with per-row scales.
+/// Deterministic pseudo-random i8 weights in `[-127, 127]` (onnxruntime's
+/// symmetric int8 range, which real models have) with per-row scales.
 fn matrix(layout: Layout, rows: usize, cols: usize) -> PackedI8 {
     let mut s = 0x9E37_79B9_7F4A_7C15u64;
     let q: Vec<i8> = (0..rows * cols)
@@ -23,7 +24,7 @@ fn matrix(layout: Layout, rows: usize, cols: usize) -> PackedI8 {
             s ^= s << 13;
             s ^= s >> 7;
             s ^= s << 17;
-            (s >> 56) as u8 as i8
+            ((s >> 56) as u8 as i8).max(-127)
         })
         .collect();
     let scales: Vec<f32> = (0..rows).map(|r| 0.01 + (r % 7) as f32 * 1e-3).collect();

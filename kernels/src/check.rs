@@ -151,29 +151,84 @@ pub(crate) fn block_u8i8(f: BlockKernel) {
     });
     run(case, |(xs, data)| {
         let xs: Vec<&[u8]> = xs.iter().map(|x| &x[..]).collect();
-        let w = Block64 { data: &data };
+        let n = xs[0].len();
+        let w = Block64 {
+            data: &data,
+            sums: None,
+        };
         prop_assert_eq!(
             f(&xs, w),
             generic::block_u8i8(&xs, w),
             "n {} acts {}",
-            xs[0].len(),
+            n,
+            xs.len()
+        );
+        // The same block with -128 raised to -127 in its first n columns
+        // (the padding keeps its garbage), given its row sums.
+        let mut narrow = data.clone();
+        for c in 0..n {
+            for r in 0..BLOCK_ROWS {
+                let v = &mut narrow[(c / 4) * BLOCK_GROUP + r * 4 + c % 4];
+                *v = (*v).max(-127);
+            }
+        }
+        let sums = narrow_sums(&narrow, n);
+        let w = Block64 {
+            data: &narrow,
+            sums: Some(&sums),
+        };
+        prop_assert_eq!(
+            f(&xs, w),
+            generic::block_u8i8(&xs, w),
+            "narrow: n {} acts {}",
+            n,
             xs.len()
         );
         Ok(())
     });
     for n in WORST_LENS {
+        let groups = n.div_ceil(4) * BLOCK_GROUP;
         for w in [i8::MIN, i8::MAX] {
             let xs = vec![vec![255u8; n]; TILE_ACTS];
             let xs: Vec<&[u8]> = xs.iter().map(|x| &x[..]).collect();
-            let data = vec![w; n.div_ceil(4) * BLOCK_GROUP];
+            let data = vec![w; groups];
             let want = 255 * w as i32 * n as i32;
-            assert_eq!(
-                f(&xs, Block64 { data: &data }),
-                [[want; BLOCK_ROWS]; TILE_ACTS],
-                "n {n}"
-            );
+            let block = Block64 {
+                data: &data,
+                sums: None,
+            };
+            assert_eq!(f(&xs, block), [[want; BLOCK_ROWS]; TILE_ACTS], "n {n}");
+        }
+        // The sign-adjusted path at its extremes: |x − 128| = 128 (x = 0)
+        // and 127 (x = 255) against ±127, one activation and four.
+        for (x, w) in [(0u8, -127i8), (0, 127), (255, -127), (255, 127)] {
+            let data = vec![w; groups];
+            let sums = narrow_sums(&data, n);
+            let block = Block64 {
+                data: &data,
+                sums: Some(&sums),
+            };
+            let want = x as i32 * w as i32 * n as i32;
+            for acts in [1, TILE_ACTS] {
+                let xs = vec![vec![x; n]; acts];
+                let xs: Vec<&[u8]> = xs.iter().map(|x| &x[..]).collect();
+                let got = f(&xs, block);
+                assert!(
+                    got[..acts].iter().all(|o| *o == [want; BLOCK_ROWS]),
+                    "n {n} x {x} w {w} acts {acts}"
+                );
+            }
         }
     }
+}
+
+/// The 64 row sums over the first `n` columns of an interleaved block.
+fn narrow_sums(data: &[i8], n: usize) -> [i32; BLOCK_ROWS] {
+    std::array::from_fn(|r| {
+        (0..n)
+            .map(|c| data[(c / 4) * BLOCK_GROUP + r * 4 + c % 4] as i32)
+            .sum()
+    })
 }
 
 type Block16Kernel = fn(crate::Acts16, crate::Blocks, &mut [crate::Acc16]);

@@ -136,6 +136,14 @@ pub struct Block64<'a> {
     /// blocks of the matrix (`n.div_ceil(4)` groups each), which a kernel
     /// may prefetch but never counts.
     pub data: &'a [i8],
+    /// The 64 rows' sums over the first `n` columns, given only when every
+    /// weight in those columns lies in `[-127, 127]` (as onnxruntime's
+    /// symmetric int8 quantization produces). A kernel may then compute
+    /// `Σ (x − 128) · w + 128 · Σ w`, whose `x − 128` times a sign-adjusted
+    /// weight fits `vpmaddubsw` without saturating (AVX2's single-activation
+    /// path). Sums that do not match the weights give wrong results, never
+    /// undefined behavior.
+    pub sums: Option<&'a [i32; BLOCK_ROWS]>,
 }
 
 /// The block micro-kernel: exact `Σ x[c] · w[r][c]` for up to four u8

@@ -49,6 +49,9 @@ pub struct PackedI8 {
     /// Padded like the rows: reads of a whole tile or block stay in bounds.
     row_sums: Vec<i32>,
     scales: Vec<f32>,
+    /// No weight is -128: the block kernels may take the row sums and
+    /// their sign-adjusted path ([`Block64::sums`]).
+    narrow: bool,
 }
 
 impl PackedI8 {
@@ -122,9 +125,11 @@ impl PackedI8 {
         let mut row_sums = vec![0i32; padded];
         let mut padded_scales = vec![0f32; padded];
         padded_scales[..rows].copy_from_slice(scales);
+        let mut narrow = true;
         let mut put = |r: usize, c: usize| {
             let v = at(r, c);
             row_sums[r] += v as i32;
+            narrow &= v != i8::MIN;
             let i = match layout {
                 Layout::Rows => r * stride + c,
                 Layout::Blocks => {
@@ -148,6 +153,7 @@ impl PackedI8 {
             data,
             row_sums,
             scales: padded_scales,
+            narrow,
         }
     }
 
@@ -212,8 +218,12 @@ impl PackedI8 {
     /// it (which a kernel may prefetch while it computes this one).
     fn block64(&self, r: usize) -> Block64<'_> {
         let at = r / BLOCK_ROWS * self.stride;
+        let first = r / BLOCK_ROWS * BLOCK_ROWS;
         Block64 {
             data: &self.data[at..],
+            sums: self
+                .narrow
+                .then(|| self.row_sums[first..first + BLOCK_ROWS].try_into().unwrap()),
         }
     }
 }

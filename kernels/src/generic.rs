@@ -177,6 +177,7 @@ pub fn block16_u8i8(a: Acts16, w: Blocks, out: &mut [Acc16]) {
         let (b, g) = (i / a.tiles, i % a.tiles);
         let block = Block64 {
             data: &w.data[b * w.stride..b * w.stride + n.div_ceil(4) * BLOCK_GROUP],
+            sums: None,
         };
         for (q, quarter) in acc.chunks_mut(TILE_ACTS).enumerate() {
             let rows: [&[u8]; TILE_ACTS] = std::array::from_fn(|j| {
