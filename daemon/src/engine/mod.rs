@@ -456,6 +456,8 @@ fn choose_backend(
         }),
         None => probe,
     };
+    release_freed_memory();
+    load_stage("head dropped");
     let native = probe.and_then(|probe| {
         let n = native::load(dir, proto, &family, opts)?;
         load_stage("native packed");
