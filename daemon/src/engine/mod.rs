@@ -449,9 +449,12 @@ fn choose_backend(
     let probe = match head {
         Some(head) => probe.and_then(|p| {
             p.map(|inputs, rows| {
-                let logits = head.logits(dir, inputs, rows).map_err(|e| e.to_string());
+                let logits = head.logits(dir, &[inputs.to_vec()], &[rows]);
                 load_stage("tract head");
+                let mut logits = logits.map_err(|e| e.to_string())?;
                 logits
+                    .pop()
+                    .ok_or_else(|| "tract's head gave no logits".into())
             })
         }),
         None => probe,
