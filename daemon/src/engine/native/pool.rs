@@ -6,6 +6,13 @@
 //! rayon's does. Here the workers spin for a while after each product (the
 //! next one comes within microseconds while a sequence is generating), then
 //! sleep, so an idle daemon uses no CPU.
+//!
+//! Each thread takes its own indices first (thread `t` of `T`: `t`, `t + T`,
+//! …) and only then the others', so a product split into one part per thread
+//! runs each part on the same core call after call, and a part's weights
+//! that fit in that core's L2 stay there (an LSTM's recurrent matrix, read
+//! at every step of a prompt); a thread that is late or asleep still has its
+//! part taken by the others.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Condvar, Mutex};
@@ -17,18 +24,23 @@ use ember_kernels::gemv::{Parallel, Serial};
 /// How long an idle worker spins before sleeping.
 const SPIN: Duration = Duration::from_micros(200);
 
+/// Most indices one job hands out; `run` splits larger ones.
+const MAX_INDICES: usize = 64;
+
 type Task = dyn Fn(usize) + Sync;
 
 struct Shared {
-    /// Generation (high 32 bits) and next unclaimed index (low 32 bits):
-    /// claiming an index is one compare-and-swap that also proves the job is
-    /// the one published.
-    word: AtomicU64,
+    /// The current job's generation. 64 bits, so it never wraps: a job a
+    /// microsecond would take 580 000 years.
+    gen: AtomicU64,
     /// The current job's generation, task (its lifetime erased, see `run`)
-    /// and size. The generation ties the task to the claimable word: the slot
-    /// is filled before the word moves to the new generation, and a claim on
-    /// the old, exhausted word must not take an index of the new task.
+    /// and size, set before `gen` moves to it.
     task: Mutex<Option<(u64, &'static Task, usize)>>,
+    /// The last generation that claimed each index. A claim moves it up to
+    /// the claimer's generation, so an index is run once per job, and a
+    /// thread still holding a finished job's task claims nothing: every
+    /// index of that job is already claimed at its generation or later.
+    claims: Box<[AtomicU64]>,
     /// Completed indices of the current job.
     done: AtomicUsize,
     sleeping: AtomicUsize,
@@ -57,9 +69,19 @@ impl std::fmt::Debug for SpinPool {
 impl SpinPool {
     /// `threads` in all: the caller plus `threads - 1` workers.
     pub fn new(threads: usize, name: &str) -> std::io::Result<SpinPool> {
+        SpinPool::from_generation(threads, name, 0)
+    }
+
+    /// A pool whose first job is generation `gen + 1` (tests start near the
+    /// bounds of narrower counters).
+    fn from_generation(threads: usize, name: &str, gen: u64) -> std::io::Result<SpinPool> {
+        let threads = threads.max(1);
         let shared = Arc::new(Shared {
-            word: AtomicU64::new(0),
+            gen: AtomicU64::new(gen),
             task: Mutex::new(None),
+            claims: (0..MAX_INDICES.max(threads))
+                .map(|_| AtomicU64::new(gen))
+                .collect(),
             done: AtomicUsize::new(0),
             sleeping: AtomicUsize::new(0),
             stop: AtomicBool::new(false),
@@ -67,62 +89,98 @@ impl SpinPool {
             wake: Condvar::new(),
         });
         let mut handles = vec![];
-        for i in 1..threads.max(1) {
+        for i in 1..threads {
             let s = shared.clone();
             handles.push(
                 std::thread::Builder::new()
                     .name(format!("{name}-{i}"))
-                    .spawn(move || worker(&s))?,
+                    .spawn(move || worker(&s, i, threads))?,
             );
         }
         Ok(SpinPool {
             shared,
-            threads: threads.max(1),
+            threads,
             handles,
             running: Mutex::new(()),
         })
     }
-}
 
-/// Claim and run indices of generation `gen` until none is left.
-fn drain(s: &Shared, gen: u64) {
-    loop {
-        let w = s.word.load(SeqCst);
-        if w >> 32 != gen {
-            return;
+    /// One job of at most `claims.len()` indices.
+    fn run_some(&self, n: usize, task: &(dyn Fn(usize) + Sync)) {
+        let s = &*self.shared;
+        assert!(n <= s.claims.len());
+        // SAFETY: the task is only called for indices claimed in this
+        // generation, every one of which finishes before this function
+        // returns (the wait on `done` below); a thread that read the task
+        // and is late claims nothing once they are all claimed (see
+        // `claims`), so the extended borrow is never used past its real end.
+        let task: &'static Task =
+            unsafe { std::mem::transmute::<&(dyn Fn(usize) + Sync), &'static Task>(task) };
+        let gen = s.gen.load(SeqCst) + 1;
+        *s.task.lock().unwrap_or_else(|e| e.into_inner()) = Some((gen, task, n));
+        s.done.store(0, SeqCst);
+        s.gen.store(gen, SeqCst);
+        if s.sleeping.load(SeqCst) > 0 {
+            let _g = s.lock.lock().unwrap_or_else(|e| e.into_inner());
+            s.wake.notify_all();
         }
-        let Some((job, task, n)) = *s.task.lock().unwrap_or_else(|e| e.into_inner()) else {
-            return;
-        };
-        if job != gen {
-            return;
+        drain(s, gen, 0, self.threads);
+        while s.done.load(SeqCst) < n {
+            std::hint::spin_loop();
         }
-        let i = (w & 0xffff_ffff) as usize;
-        if i >= n {
-            return;
-        }
-        if s.word.compare_exchange(w, w + 1, SeqCst, SeqCst).is_err() {
-            continue;
-        }
-        // `task` belongs to generation `gen`, whose index `i` we just claimed:
-        // `run` does not return (ending the real borrow) before `done` counts it.
-        task(i);
-        s.done.fetch_add(1, SeqCst);
+        *s.task.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 }
 
-fn worker(s: &Shared) {
-    let mut seen = 0u64;
+/// The order thread `me` of `threads` tries a job's `n` indices in: its own
+/// (`me`, `me + threads`, …), then everyone else's.
+fn claim_order(me: usize, threads: usize, n: usize) -> impl Iterator<Item = usize> {
+    let own = (me..n).step_by(threads);
+    own.chain((0..n).filter(move |i| i % threads != me))
+}
+
+/// Take index `claim` (its slot in `claims`) for generation `gen`.
+fn take(claim: &AtomicU64, gen: u64) -> bool {
+    let mut last = claim.load(SeqCst);
+    while last < gen {
+        match claim.compare_exchange_weak(last, gen, SeqCst, SeqCst) {
+            Ok(_) => return true,
+            Err(now) => last = now,
+        }
+    }
+    false
+}
+
+/// As thread `me`, run every index of generation `gen` that is still free.
+fn drain(s: &Shared, gen: u64, me: usize, threads: usize) {
+    let Some((job, task, n)) = *s.task.lock().unwrap_or_else(|e| e.into_inner()) else {
+        return;
+    };
+    if job != gen {
+        return;
+    }
+    for i in claim_order(me, threads, n) {
+        if take(&s.claims[i], gen) {
+            // Index `i` of generation `gen` is ours, so the job is not done
+            // and `run_some` has not returned: `task` is still borrowed.
+            task(i);
+            s.done.fetch_add(1, SeqCst);
+        }
+    }
+}
+
+fn worker(s: &Shared, me: usize, threads: usize) {
+    let mut seen = s.gen.load(SeqCst);
     loop {
         let t0 = Instant::now();
         loop {
             if s.stop.load(SeqCst) {
                 return;
             }
-            let gen = s.word.load(SeqCst) >> 32;
+            let gen = s.gen.load(SeqCst);
             if gen != seen {
                 seen = gen;
-                drain(s, gen);
+                drain(s, gen, me, threads);
                 break;
             }
             if t0.elapsed() > SPIN {
@@ -130,9 +188,7 @@ fn worker(s: &Shared) {
                 s.sleeping.fetch_add(1, SeqCst);
                 let _g = s
                     .wake
-                    .wait_while(g, |_| {
-                        s.word.load(SeqCst) >> 32 == seen && !s.stop.load(SeqCst)
-                    })
+                    .wait_while(g, |_| s.gen.load(SeqCst) == seen && !s.stop.load(SeqCst))
                     .unwrap_or_else(|e| e.into_inner());
                 s.sleeping.fetch_sub(1, SeqCst);
                 break;
@@ -153,27 +209,10 @@ impl Parallel for SpinPool {
             return;
         }
         let _one = self.running.lock().unwrap_or_else(|e| e.into_inner());
-        let s = &*self.shared;
-        // SAFETY: the task is only called for indices claimed in this
-        // generation, every one of which finishes before this function
-        // returns (the wait on `done` below); afterwards the slot is cleared
-        // and a late worker fails to claim (the generation's indices are
-        // exhausted), so the extended borrow is never used past its real end.
-        let task: &'static Task =
-            unsafe { std::mem::transmute::<&(dyn Fn(usize) + Sync), &'static Task>(task) };
-        let gen = (s.word.load(SeqCst) >> 32) + 1;
-        *s.task.lock().unwrap_or_else(|e| e.into_inner()) = Some((gen, task, n));
-        s.done.store(0, SeqCst);
-        s.word.store(gen << 32, SeqCst);
-        if s.sleeping.load(SeqCst) > 0 {
-            let _g = s.lock.lock().unwrap_or_else(|e| e.into_inner());
-            s.wake.notify_all();
+        let most = self.shared.claims.len();
+        for first in (0..n).step_by(most) {
+            self.run_some(most.min(n - first), &|i| task(first + i));
         }
-        drain(s, gen);
-        while s.done.load(SeqCst) < n {
-            std::hint::spin_loop();
-        }
-        *s.task.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 }
 
@@ -202,11 +241,10 @@ pub fn or_serial(pool: &Option<SpinPool>) -> &dyn Parallel {
 mod tests {
     use super::*;
 
-    #[test]
-    fn every_index_runs_once_per_job() {
-        let pool = SpinPool::new(3, "t").unwrap();
-        for round in 0..2000 {
-            let n = 1 + round % 7;
+    /// Run `rounds` jobs of `sizes(round)` indices; each index runs once.
+    fn each_once(pool: &SpinPool, rounds: usize, sizes: impl Fn(usize) -> usize) {
+        for round in 0..rounds {
+            let n = sizes(round);
             let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
             pool.run(n, &|i| {
                 hits[i].fetch_add(1, SeqCst);
@@ -215,6 +253,47 @@ mod tests {
             assert!(got.iter().all(|&h| h == 1), "round {round}: {got:?}");
             if round % 500 == 0 {
                 std::thread::sleep(Duration::from_millis(2)); // let workers fall asleep
+            }
+        }
+    }
+
+    #[test]
+    fn every_index_runs_once_per_job() {
+        let pool = SpinPool::new(3, "t").unwrap();
+        each_once(&pool, 2000, |round| 1 + round % 7);
+    }
+
+    #[test]
+    fn jobs_larger_than_the_claims_are_split() {
+        let pool = SpinPool::new(2, "t").unwrap();
+        each_once(&pool, 50, |round| {
+            MAX_INDICES - 2 + round % 5 + 60 * (round % 3)
+        });
+    }
+
+    /// The generation used to live in the high half of a 64-bit word with
+    /// the next index in the low half: job 2³² wrapped it to 0 and the pool
+    /// hung (at ~280 000 jobs a second, kjv-gpt2 on 2 threads, after about
+    /// four hours of decoding).
+    #[test]
+    fn jobs_go_on_past_two_to_the_32() {
+        let pool = SpinPool::from_generation(2, "t", u64::from(u32::MAX) - 3).unwrap();
+        each_once(&pool, 20, |round| 2 + round % 3);
+        assert!(pool.shared.gen.load(SeqCst) > u64::from(u32::MAX) + 10);
+    }
+
+    #[test]
+    fn each_thread_tries_its_own_indices_first_then_all() {
+        for threads in 1..5 {
+            for n in 0..12 {
+                for me in 0..threads {
+                    let order: Vec<usize> = claim_order(me, threads, n).collect();
+                    let own = n.saturating_sub(me).div_ceil(threads);
+                    assert!(order[..own].iter().all(|i| i % threads == me), "{order:?}");
+                    let mut all = order.clone();
+                    all.sort_unstable();
+                    assert_eq!(all, (0..n).collect::<Vec<_>>(), "{me}/{threads}");
+                }
             }
         }
     }
