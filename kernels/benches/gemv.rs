@@ -6,12 +6,13 @@
 //! 2 · batch for int8 operations per second.
 //!
 //! The `dram` group runs the best ISA on a 512 MiB matrix, larger than any
-//! last-level cache, to compare with `--bench bandwidth`.
+//! last-level cache, on one thread and on two, to compare with
+//! `--bench bandwidth`.
 
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use ember_kernels::gemv::{gemm, PackedI8, QVec};
+use ember_kernels::gemv::{gemm, gemm_par, PackedI8, QVec, Scoped};
 use ember_kernels::quant::dynamic_quantize_u8;
 use ember_kernels::{Kernels, Layout};
 
@@ -127,6 +128,15 @@ fn dram(c: &mut Criterion) {
     let mut out = vec![0f32; rows];
     g.bench_function(format!("{}/{cols}x{rows}", k.isa.name()), |b| {
         b.iter(|| gemm(&k, &pw, std::hint::black_box(&xs), None, &mut out))
+    });
+    // Two threads, each streaming half the rows (a thread spawn per call is
+    // microseconds against a call's milliseconds): the kernel's share of
+    // `--bench bandwidth`'s two-thread figure.
+    g.bench_function(format!("{}/{cols}x{rows}/2-threads", k.isa.name()), |b| {
+        b.iter(|| {
+            let xs = std::hint::black_box(&xs);
+            gemm_par(&k, &pw, xs, None, &mut out, &Scoped(2))
+        })
     });
     g.finish();
 }
