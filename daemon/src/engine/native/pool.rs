@@ -9,10 +9,11 @@
 //!
 //! Each thread takes its own indices first (thread `t` of `T`: `t`, `t + T`,
 //! …) and only then the others', so a product split into one part per thread
-//! runs each part on the same core call after call, and a part's weights
-//! that fit in that core's L2 stay there (an LSTM's recurrent matrix, read
-//! at every step of a prompt); a thread that is late or asleep still has its
-//! part taken by the others.
+//! runs each part on the same core call after call; a thread that is late or
+//! asleep still has its part taken by the others. Measured against taking
+//! indices in one shared order, this gained nothing (the caller, which
+//! publishes a job and drains at once, already took index 0 nearly every
+//! time): it makes the placement certain, not faster.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Condvar, Mutex};
