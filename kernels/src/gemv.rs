@@ -530,10 +530,10 @@ impl Parallel for Scoped {
     }
 }
 
-/// `out` as shared by the tasks of [`gemm_par`], each writing its own rows.
+/// An output as shared by the tasks of [`gemm_par_many`], each writing its own rows.
 struct SharedOut(*mut f32);
-// SAFETY: tasks write disjoint elements (see `gemm_par`); the pointer is only
-// used while `gemm_par` holds the unique borrow of `out`.
+// SAFETY: tasks write disjoint elements (see `gemm_par_many`); the pointer is
+// only used while `gemm_par_many` holds the unique borrow of the output.
 unsafe impl Sync for SharedOut {}
 
 /// [`gemm`] with output rows split over `pool`'s threads, in blocks of whole
@@ -546,26 +546,72 @@ pub fn gemm_par(
     out: &mut [f32],
     pool: &dyn Parallel,
 ) {
-    check_operands(w, xs, bias);
-    assert_eq!(out.len(), xs.len() * w.rows, "output is not batch × rows");
-    let tiles = w.rows.div_ceil(w.tile_rows());
-    let parts = pool.threads().clamp(1, tiles.max(1));
-    let per = tiles.div_ceil(parts) * w.tile_rows();
-    let shared = SharedOut(out.as_mut_ptr());
-    let shared = &shared;
-    let rows = w.rows;
-    pool.run(parts, &|p| {
-        let range = (p * per).min(rows)..((p + 1) * per).min(rows);
-        compute(k, w, xs, bias, range, |i, r, v| {
-            assert!(i < xs.len() && r + v.len() <= rows);
-            // SAFETY: i < xs.len() and r + v.len() ≤ rows, so the elements are
-            // inside `out` (length xs.len() · rows, checked above); task p only
-            // writes rows of its own range, ranges are disjoint, so no element is
-            // written twice or concurrently; `out` stays borrowed until `run` returns.
-            unsafe {
-                std::ptr::copy_nonoverlapping(v.as_ptr(), shared.0.add(i * rows + r), v.len())
+    gemm_par_many(k, xs, &mut [Product { w, bias, out }], pool)
+}
+
+/// One matrix of [`gemm_par_many`]: `out = w · xs[i] (+ bias)`, `out` being
+/// `xs.len() × w.rows()`.
+#[derive(Debug)]
+pub struct Product<'a> {
+    pub w: &'a PackedI8,
+    pub bias: Option<&'a [f32]>,
+    pub out: &'a mut [f32],
+}
+
+/// Most matrices one [`gemm_par_many`] call takes.
+pub const MAX_PRODUCTS: usize = 4;
+
+/// Several products of the same activations (a layer's q, k and v; gate and
+/// up) as one job for `pool`: their tiles are laid end to end and cut into
+/// one contiguous run per thread. One dispatch and one wait instead of one
+/// per matrix, and the split is even over the sum: a layer's 9 + 3 + 3
+/// tiles of q, k and v go 8 + 7 over two threads, where one matrix at a
+/// time goes 5 + 4, 2 + 1 and 2 + 1. Each output equals [`gemm`]'s bit for
+/// bit.
+pub fn gemm_par_many(k: &Kernels, xs: &[QVec], products: &mut [Product<'_>], pool: &dyn Parallel) {
+    assert!(
+        (1..=MAX_PRODUCTS).contains(&products.len()),
+        "1 to {MAX_PRODUCTS} products"
+    );
+    // Each matrix with its bias, first tile and output.
+    type Part<'a> = (&'a PackedI8, Option<&'a [f32]>, usize, SharedOut);
+    let mut parts: heapless::Vec<Part<'_>, MAX_PRODUCTS> = heapless::Vec::new();
+    let mut tiles = 0;
+    for p in products.iter_mut() {
+        check_operands(p.w, xs, p.bias);
+        assert_eq!(
+            p.out.len(),
+            xs.len() * p.w.rows,
+            "output is not batch × rows"
+        );
+        let _ = parts.push((p.w, p.bias, tiles, SharedOut(p.out.as_mut_ptr())));
+        tiles += p.w.rows.div_ceil(p.w.tile_rows());
+    }
+    let per = tiles.div_ceil(pool.threads().clamp(1, tiles.max(1)));
+    let runs = tiles.div_ceil(per.max(1));
+    let parts = &parts;
+    pool.run(runs, &|t| {
+        let run = t * per..((t + 1) * per).min(tiles);
+        for &(w, bias, first, ref shared) in parts {
+            let (rows, tile) = (w.rows, w.tile_rows());
+            let own = first..first + rows.div_ceil(tile);
+            let (a, b) = (run.start.max(own.start), run.end.min(own.end));
+            if a >= b {
+                continue;
             }
-        });
+            let range = (a - first) * tile..((b - first) * tile).min(rows);
+            compute(k, w, xs, bias, range, |i, r, v| {
+                assert!(i < xs.len() && r + v.len() <= rows);
+                // SAFETY: i < xs.len() and r + v.len() ≤ rows, so the elements
+                // are inside this product's output (length xs.len() · rows,
+                // checked above); task t only writes rows of its own run of
+                // tiles, runs are disjoint, so no element is written twice or
+                // concurrently; the outputs stay borrowed until `run` returns.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(v.as_ptr(), shared.0.add(i * rows + r), v.len())
+                }
+            });
+        }
     });
 }
 
@@ -667,6 +713,47 @@ mod tests {
                 let mut par = vec![f32::NAN; batch * rows];
                 gemm_par(&k, &pw, &qs, Some(&bias), &mut par, &Scoped(3));
                 prop_assert_eq!(&par, &out);
+            }
+        }
+    }
+
+    proptest! {
+        /// Matrices of any heights in one job give each one's [`gemm`] bit
+        /// for bit, wherever the threads' runs of tiles start and end.
+        #[test]
+        fn gemm_par_many_equals_gemm_each(
+            heights in proptest::collection::vec(1usize..140, 1..=MAX_PRODUCTS),
+            cols in 1usize..200,
+            batch in 1usize..7,
+            threads in 1usize..5,
+            blocks: bool,
+            seed: u64,
+        ) {
+            let layout = if blocks { Layout::Blocks } else { Layout::Rows };
+            let value = |i: usize| (((i as u64 ^ seed).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40) % 2001) as f32 / 1000.0 - 1.0;
+            let ws: Vec<PackedI8> = heights.iter().enumerate().map(|(m, &rows)| {
+                let w: Vec<f32> = (0..rows * cols).map(|i| value(i + 7919 * m)).collect();
+                PackedI8::quantize_as(layout, &w, rows, cols)
+            }).collect();
+            let biases: Vec<Vec<f32>> = heights.iter().map(|&rows| (0..rows).map(|r| value(r + 31) * 3.0).collect()).collect();
+            let acts: Vec<(Vec<u8>, f32, u8)> = (0..batch).map(|b| {
+                let x: Vec<f32> = (0..cols).map(|c| value(c * 13 + b + 1) * 4.0).collect();
+                let mut q = vec![0u8; cols];
+                let (s, z) = dynamic_quantize_u8(&x, &mut q);
+                (q, s, z)
+            }).collect();
+            let qs: Vec<QVec> = acts.iter().map(|(q, s, z)| QVec { q, scale: *s, zero_point: *z }).collect();
+            for k in isas() {
+                let mut outs: Vec<Vec<f32>> = heights.iter().map(|&rows| vec![f32::NAN; batch * rows]).collect();
+                let mut products: Vec<Product> = ws.iter().zip(&biases).zip(outs.iter_mut()).enumerate()
+                    .map(|(m, ((w, b), out))| Product { w, bias: (m % 2 == 0).then_some(&b[..]), out })
+                    .collect();
+                gemm_par_many(&k, &qs, &mut products, &Scoped(threads));
+                for (m, (w, b)) in ws.iter().zip(&biases).enumerate() {
+                    let mut one = vec![0f32; batch * w.rows()];
+                    gemm(&k, w, &qs, (m % 2 == 0).then_some(&b[..]), &mut one);
+                    prop_assert_eq!(&outs[m], &one);
+                }
             }
         }
     }

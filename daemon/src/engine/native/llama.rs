@@ -11,7 +11,7 @@ use ember_kernels::Kernels;
 use super::graph::{Graph, Linear, Unrecognized, Values};
 use super::kv::{KvArena, KvShape};
 use super::ops::{
-    add, attend_rows, head_logits, product, run_linear, store_kv, Embedding, Heads, Work,
+    add, attend_rows, head_logits, products, run_linear, store_kv, Embedding, Heads, Work,
 };
 use super::{Job, Row};
 use crate::model::DecoderIo;
@@ -319,9 +319,7 @@ impl Llama {
             let vv = &mut rest[..n * kvd];
             {
                 let xs = qr.quantize(k, &hb[..n * h], h, group);
-                product(k, &b.q, &xs, q, par);
-                product(k, &b.k, &xs, kk, par);
-                product(k, &b.v, &xs, vv, par);
+                products(k, &xs, [(&b.q, q), (&b.k, kk), (&b.v, vv)], par);
             }
             for (r, row) in rows.iter().enumerate() {
                 self.rope.apply(&mut q[r * h..(r + 1) * h], row.pos);
@@ -339,8 +337,7 @@ impl Llama {
             let up = &mut rest[..n * ff];
             {
                 let xs = qr.quantize(k, &hb[..n * h], h, group);
-                product(k, &b.gate, &xs, gate, par);
-                product(k, &b.up, &xs, up, par);
+                products(k, &xs, [(&b.gate, gate), (&b.up, up)], par);
             }
             (k.act_f32)(nn::Act::Silu, gate);
             for (g, u) in gate.iter_mut().zip(up.iter()) {

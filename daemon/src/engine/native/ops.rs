@@ -259,6 +259,32 @@ pub fn product(k: &Kernels, lin: &Linear, xs: &[QVec], out: &mut [f32], par: &dy
     }
 }
 
+/// [`product`] for layers reading the same activations (q, k and v; gate
+/// and up): split over the pool as one job (see [`gemv::gemm_par_many`]).
+pub fn products<const N: usize>(
+    k: &Kernels,
+    xs: &[QVec],
+    layers: [(&Linear, &mut [f32]); N],
+    par: &dyn Parallel,
+) {
+    let macs: usize = layers
+        .iter()
+        .map(|(lin, _)| lin.w.rows() * lin.w.cols() * xs.len())
+        .sum();
+    if par.threads() > 1 && macs >= PAR_MIN_MACS {
+        let mut jobs = layers.map(|(lin, out)| gemv::Product {
+            w: &lin.w,
+            bias: lin.bias.as_deref(),
+            out: &mut out[..xs.len() * lin.w.rows()],
+        });
+        gemv::gemm_par_many(k, xs, &mut jobs, par)
+    } else {
+        for (lin, out) in layers {
+            product(k, lin, xs, out, par)
+        }
+    }
+}
+
 /// Scratch for one step, sized at load (every family uses the same buffers
 /// for its own purposes).
 #[derive(Debug)]
