@@ -17,9 +17,10 @@
 //! block) values `[position in block][head dim]` and keys transposed,
 //! `[head dim][position in block]`, so a score kernel computes all of a
 //! block's scores in one vector with no horizontal sums
-//! (`ember_kernels::generic::qk_f32`). A sequence's blocks are handed out
-//! in ascending order, so one layer's keys for a head over a long context
-//! are one contiguous stream the hardware prefetcher follows. Each
+//! (`ember_kernels::generic::qk_f32`). Free blocks are handed out lowest
+//! number first, so a sequence's blocks ascend and, where they are
+//! consecutive, one layer's keys for a head over a long context are one
+//! contiguous stream the hardware prefetcher follows. Each
 //! `[layer][key|value][kv head]` run holds an odd number of slabs, so runs
 //! do not start at the same cache sets (a power-of-two stride put the 8
 //! sequences of a batch step, reading the same block of every run, into
@@ -40,7 +41,8 @@
 //! values lie in groups of 4 positions, `[position / 4][head dim][4]`. A
 //! quarter of the f32 bytes plus the scales.
 
-use std::collections::{HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use ember_kernels::generic::{f32_to_f16, to_f16, KEY_GROUP};
@@ -78,8 +80,10 @@ pub struct BlockPool {
 
 #[derive(Debug)]
 struct PoolState {
-    /// Blocks holding nothing.
-    free: Vec<u32>,
+    /// Blocks holding nothing, lowest number first: a sequence's blocks
+    /// then ascend and stay close together, whatever order they were
+    /// returned in (one stream per head, see the module docs).
+    free: BinaryHeap<Reverse<u32>>,
     /// Sequences holding each block.
     refs: Vec<u32>,
     /// Registered full blocks by prefix hash, and each block's hash.
@@ -93,7 +97,7 @@ impl PoolState {
     /// A block to write: a free one, else the oldest idle cached one.
     fn take(&mut self) -> Option<u32> {
         let b = match self.free.pop() {
-            Some(b) => b,
+            Some(Reverse(b)) => b,
             None => {
                 let b = self.idle.pop_front()?;
                 if let Some(h) = self.hash_of[b as usize].take() {
@@ -113,7 +117,7 @@ impl PoolState {
             if self.hash_of[b as usize].is_some() {
                 self.idle.push_back(b);
             } else {
-                self.free.push(b);
+                self.free.push(Reverse(b));
             }
         }
     }
@@ -123,7 +127,7 @@ impl BlockPool {
     fn new(total: usize) -> Arc<BlockPool> {
         Arc::new(BlockPool {
             state: Mutex::new(PoolState {
-                free: (0..total as u32).rev().collect(),
+                free: (0..total as u32).map(Reverse).collect(),
                 refs: vec![0; total],
                 by_hash: HashMap::new(),
                 hash_of: vec![None; total],
@@ -587,6 +591,11 @@ mod tests {
             assert_eq!(pool.free_blocks(), 2);
             drop(b);
             assert_eq!(pool.free_blocks(), 3);
+            // Returned out of order (a's 0 and 1, then b's 2), they are
+            // handed out lowest first.
+            let mut c = SeqBlocks::new(&pool, 64);
+            c.reserve(3 * BLOCK).unwrap();
+            assert_eq!(c.table, [0, 1, 2]);
         }
     }
 
