@@ -11,20 +11,11 @@
 //! again, so sharing needs no copying. Blocks no sequence holds stay cached
 //! until their memory is needed (least recently released first).
 //!
-//! A block is every layer's keys and values for its positions. The arena
-//! is laid out by what attention reads together: `[layer][key|value][kv
-//! head][block]`, then in each slab (one head's keys or values in one
-//! block) values `[position in block][head dim]` and keys transposed,
-//! `[head dim][position in block]`, so a score kernel computes all of a
-//! block's scores in one vector with no horizontal sums
-//! (`ember_kernels::generic::qk_f32`). Free blocks are handed out lowest
-//! number first, so a sequence's blocks ascend and, where they are
-//! consecutive, one layer's keys for a head over a long context are one
-//! contiguous stream the hardware prefetcher follows. Each
-//! `[layer][key|value][kv head]` run holds an odd number of slabs, so runs
-//! do not start at the same cache sets (a power-of-two stride put the 8
-//! sequences of a batch step, reading the same block of every run, into
-//! the same L2 sets).
+//! A block holds every layer's keys and values for its positions, laid out
+//! `[layer][key|value][kv head]`, then values `[position in block][head dim]`
+//! and keys transposed, `[head dim][position in block]`: one head's block is
+//! contiguous, and a score kernel computes all of a block's scores in one
+//! vector with no horizontal sums (`ember_kernels::generic::qk_f32`).
 //!
 //! The values are f32, or IEEE half precision when the model is loaded with
 //! `kv_cache = "f16"`: narrowed once when written (scalar, round to nearest
@@ -41,8 +32,7 @@
 //! values lie in groups of 4 positions, `[position / 4][head dim][4]`. A
 //! quarter of the f32 bytes plus the scales.
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use ember_kernels::generic::{f32_to_f16, to_f16, KEY_GROUP};
@@ -71,6 +61,13 @@ pub struct KvShape {
     pub head_dim: usize,
 }
 
+impl KvShape {
+    /// Floats in one block.
+    pub fn block_floats(&self) -> usize {
+        self.layers * 2 * self.kv_heads * BLOCK * self.head_dim
+    }
+}
+
 /// Block bookkeeping, shared with the sequences so they can return theirs.
 #[derive(Debug)]
 pub struct BlockPool {
@@ -80,10 +77,8 @@ pub struct BlockPool {
 
 #[derive(Debug)]
 struct PoolState {
-    /// Blocks holding nothing, lowest number first: a sequence's blocks
-    /// then ascend and stay close together, whatever order they were
-    /// returned in (one stream per head, see the module docs).
-    free: BinaryHeap<Reverse<u32>>,
+    /// Blocks holding nothing.
+    free: Vec<u32>,
     /// Sequences holding each block.
     refs: Vec<u32>,
     /// Registered full blocks by prefix hash, and each block's hash.
@@ -97,7 +92,7 @@ impl PoolState {
     /// A block to write: a free one, else the oldest idle cached one.
     fn take(&mut self) -> Option<u32> {
         let b = match self.free.pop() {
-            Some(Reverse(b)) => b,
+            Some(b) => b,
             None => {
                 let b = self.idle.pop_front()?;
                 if let Some(h) = self.hash_of[b as usize].take() {
@@ -117,7 +112,7 @@ impl PoolState {
             if self.hash_of[b as usize].is_some() {
                 self.idle.push_back(b);
             } else {
-                self.free.push(Reverse(b));
+                self.free.push(b);
             }
         }
     }
@@ -127,7 +122,7 @@ impl BlockPool {
     fn new(total: usize) -> Arc<BlockPool> {
         Arc::new(BlockPool {
             state: Mutex::new(PoolState {
-                free: (0..total as u32).map(Reverse).collect(),
+                free: (0..total as u32).rev().collect(),
                 refs: vec![0; total],
                 by_hash: HashMap::new(),
                 hash_of: vec![None; total],
@@ -163,9 +158,6 @@ fn chain_hash(prev: u64, tokens: &[u32]) -> u64 {
 pub struct KvArena {
     data: Store,
     shape: KvShape,
-    /// Slabs from one `[layer][key|value][kv head]` run to the next: the
-    /// block count, made odd.
-    stride: usize,
     /// One head's int8 keys before they are spread over the block's columns.
     row: Vec<i8>,
 }
@@ -197,8 +189,7 @@ enum Store {
 impl KvArena {
     /// An arena of `blocks` blocks storing `kind`, and the pool handing them out.
     pub fn new(shape: KvShape, blocks: usize, kind: KvType) -> (KvArena, Arc<BlockPool>) {
-        let stride = blocks | 1;
-        let n = shape.layers * 2 * shape.kv_heads * stride * BLOCK * shape.head_dim;
+        let n = blocks * shape.block_floats();
         let data = match kind {
             KvType::F32 => Store::F32(Pages::zeroed(n)),
             KvType::F16 => Store::F16(Pages::zeroed(n)),
@@ -212,15 +203,7 @@ impl KvArena {
             "an int8 KV cache needs a head size in whole groups of {KEY_GROUP}"
         );
         let row = vec![0; shape.head_dim];
-        (
-            KvArena {
-                data,
-                shape,
-                stride,
-                row,
-            },
-            BlockPool::new(blocks),
-        )
+        (KvArena { data, shape, row }, BlockPool::new(blocks))
     }
 
     /// Whether the cache holds int8 (attention then scores in integers).
@@ -245,8 +228,8 @@ impl KvArena {
 
     fn slab_at(&self, block: u32, layer: usize, value: bool, head: usize) -> usize {
         let s = &self.shape;
-        let run = (layer * 2 + value as usize) * s.kv_heads + head;
-        (run * self.stride + block as usize) * self.slab_len()
+        block as usize * s.block_floats()
+            + ((layer * 2 + value as usize) * s.kv_heads + head) * self.slab_len()
     }
 
     fn at(&self, s: Slab) -> usize {
@@ -515,47 +498,6 @@ mod tests {
         arena.read_values(&k, s, arena.slab_len())
     }
 
-    /// Every slab has its own place inside the arena; one head's keys (or
-    /// values) of one layer over blocks 0, 1, 2… are one contiguous run;
-    /// runs start an odd number of slabs apart, whatever the block count.
-    #[test]
-    fn slabs_are_disjoint_and_a_heads_blocks_adjacent() {
-        for blocks in [1usize, 2, 7, 64] {
-            let shape = KvShape {
-                layers: 3,
-                kv_heads: 2,
-                head_dim: 8,
-            };
-            let (arena, _pool) = KvArena::new(shape, blocks, KvType::F32);
-            let len = arena.slab_len();
-            assert!(arena.stride % 2 == 1 && arena.stride >= blocks);
-            let mut starts = vec![];
-            for layer in 0..3 {
-                for value in [false, true] {
-                    for head in 0..2 {
-                        let slab = |b: usize| Slab {
-                            block: b as u32,
-                            layer,
-                            value,
-                            head,
-                        };
-                        for b in 0..blocks {
-                            let at = arena.at(slab(b));
-                            assert_eq!(at, arena.at(slab(0)) + b * len, "block {b} not adjacent");
-                            assert!(at + len <= arena.bytes() / 4);
-                            starts.push(at);
-                        }
-                    }
-                }
-            }
-            starts.sort_unstable();
-            assert!(
-                starts.windows(2).all(|w| w[1] - w[0] >= len),
-                "slabs overlap"
-            );
-        }
-    }
-
     #[test]
     fn blocks_are_reserved_and_returned() {
         let kt = *ember_kernels::kernels();
@@ -591,11 +533,6 @@ mod tests {
             assert_eq!(pool.free_blocks(), 2);
             drop(b);
             assert_eq!(pool.free_blocks(), 3);
-            // Returned out of order (a's 0 and 1, then b's 2), they are
-            // handed out lowest first.
-            let mut c = SeqBlocks::new(&pool, 64);
-            c.reserve(3 * BLOCK).unwrap();
-            assert_eq!(c.table, [0, 1, 2]);
         }
     }
 
