@@ -485,6 +485,15 @@ pub struct BenchReport {
     pub decode_tokens_per_s: f64,
     /// Peak resident memory of the process (VmHWM).
     pub peak_rss_bytes: u64,
+    /// Native engine: bytes/s a plain loop reads the weights a decode step
+    /// streams at, on the same threads, measured after each run; median.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub weights_read_bytes_per_s: Option<f64>,
+    /// Native engine: each run's decode tokens/s × `bytes_per_token` over
+    /// the read rate measured right after it; median. 1.0 would be decode
+    /// streaming its weights as fast as a plain read loop.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bandwidth_share: Option<f64>,
     /// `--batch N`: N.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub batch: Option<usize>,
@@ -542,6 +551,7 @@ fn cmd_bench(a: BenchArgs) -> anyhow::Result<()> {
         bail!("--runs, --gen-tokens and --prompt-tokens must be at least 1");
     }
     let (mut load, mut prefill, mut ttft, mut tps) = (vec![], vec![], vec![], vec![]);
+    let (mut read_rates, mut shares) = (vec![], vec![]);
     let pb = progress(a.runs as u64, "bench");
     let (mut backend, mut footprint) = (String::new(), None);
     for _ in 0..a.runs {
@@ -561,6 +571,12 @@ fn cmd_bench(a: BenchArgs) -> anyhow::Result<()> {
         prefill.push(c.timings.prefill_ms);
         ttft.push(c.timings.ttft_ms);
         tps.push(c.timings.decode_tokens_per_s);
+        // The read bandwidth right after this run's decode, over the same
+        // bytes on the same threads: the bound it is held against.
+        if let (Some(rate), Some(f)) = (model.backend.weight_read_rate(), footprint) {
+            read_rates.push(rate);
+            shares.push(c.timings.decode_tokens_per_s * f.bytes_per_token as f64 / rate);
+        }
         pb.inc(1);
     }
     pb.finish_and_clear();
@@ -593,6 +609,8 @@ fn cmd_bench(a: BenchArgs) -> anyhow::Result<()> {
         ttft_ms: median(ttft),
         decode_tokens_per_s: median(tps),
         peak_rss_bytes: peak_rss_bytes(),
+        weights_read_bytes_per_s: (!read_rates.is_empty()).then(|| median(read_rates)),
+        bandwidth_share: (!shares.is_empty()).then(|| median(shares)),
         batch: batched.map(|b| b.0),
         batch_decode_tokens_per_s: batched.map(|b| b.1),
         batch1_decode_tokens_per_s: batched.map(|b| b.2),

@@ -190,6 +190,12 @@ impl PackedI8 {
         self.rows * self.cols
     }
 
+    /// The packed weight bytes as they lie in memory (padding included): what
+    /// a product streams, for measuring how fast a plain loop reads them.
+    pub fn packed_bytes(&self) -> &[i8] {
+        &self.data
+    }
+
     /// Bytes held, padding included.
     pub fn memory_bytes(&self) -> usize {
         self.data.len() + 4 * self.row_sums.len() + 4 * self.scales.len()

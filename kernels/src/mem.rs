@@ -37,6 +37,29 @@ pub fn prefetch_line<T>(p: *const T) {
     hint::<false>(p.cast())
 }
 
+/// Read every byte of `bytes` once, as a plain sequential loop does, and
+/// return their wrapping sum as 8-byte words (so the reads cannot be
+/// optimized away). With eight independent accumulators the loop is bound
+/// by memory, not by its adds: what it reaches over a model's packed
+/// weights is the read bandwidth a decode step streaming those same bytes
+/// is held against (`emberd bench` reports the share). Bytes past the last
+/// whole 64 are added one by one.
+pub fn read_sum(bytes: &[i8]) -> u64 {
+    let mut acc = [0u64; 8];
+    let lines = bytes.chunks_exact(64);
+    let tail = lines.remainder();
+    for line in lines {
+        for (a, word) in acc.iter_mut().zip(line.chunks_exact(8)) {
+            let w: [u8; 8] = std::array::from_fn(|i| word[i] as u8);
+            *a = a.wrapping_add(u64::from_ne_bytes(w));
+        }
+    }
+    let tail = tail
+        .iter()
+        .fold(0u64, |s, &b| s.wrapping_add(b as u8 as u64));
+    acc.iter().fold(tail, |s, &a| s.wrapping_add(a))
+}
+
 /// A prefetch of the line holding `p`: into L2 only when `L2`, else into L1.
 #[inline(always)]
 fn hint<const L2: bool>(p: *const u8) {
@@ -81,5 +104,27 @@ mod tests {
         super::prefetch_l2::<f32>(&[]);
         super::prefetch_line(v[500..].as_ptr());
         assert_eq!(v[999], 999.0, "a hint changes nothing");
+    }
+
+    /// The words' sum, whatever the length and wherever the slice starts.
+    #[test]
+    fn read_sum_adds_every_word() {
+        let v: Vec<i8> = (0..1000).map(|i| (i * 37 % 256) as u8 as i8).collect();
+        for (start, end) in [(0, 1000), (3, 1000), (0, 64), (5, 70), (7, 7), (0, 13)] {
+            let s = &v[start..end];
+            let whole = s.len() / 64 * 64;
+            let words = s[..whole].chunks_exact(8).fold(0u64, |acc, w| {
+                let w: [u8; 8] = std::array::from_fn(|i| w[i] as u8);
+                acc.wrapping_add(u64::from_ne_bytes(w))
+            });
+            let tail = s[whole..]
+                .iter()
+                .fold(0u64, |acc, &b| acc.wrapping_add(b as u8 as u64));
+            assert_eq!(
+                super::read_sum(s),
+                words.wrapping_add(tail),
+                "{start}..{end}"
+            );
+        }
     }
 }

@@ -152,6 +152,7 @@ fn bench_prints_the_documented_keys() {
     assert_eq!(v["prompt_tokens"], 16);
     // tract reports no footprint and no batch figures unless asked.
     assert!(v.get("bytes_per_token").is_none() && v.get("batch").is_none());
+    assert!(v.get("weights_read_bytes_per_s").is_none() && v.get("bandwidth_share").is_none());
 
     // The native engine's footprint, and the batched decode.
     let v = bench("kjv-gpt2", &["--runs", "1", "--batch", "4"]);
@@ -170,6 +171,13 @@ fn bench_prints_the_documented_keys() {
     assert_eq!(v["bytes_per_token"], per_token);
     assert!(v["weight_bytes"].as_u64().unwrap() >= per_token);
     assert!(v["kv_bytes"].as_u64().unwrap() > 0);
+    // The read rate of its packed weights, and decode's share of it: with
+    // one run, that run's tokens/s × bytes per token over the rate.
+    let rate = v["weights_read_bytes_per_s"].as_f64().unwrap();
+    assert!(rate > 1e8, "{v}");
+    let share = v["decode_tokens_per_s"].as_f64().unwrap() * per_token as f64 / rate;
+    let got = v["bandwidth_share"].as_f64().unwrap();
+    assert!((got - share).abs() <= 1e-9 * share, "{got} against {share}");
 
     // The LSTM on the native engine: fp32 gate weights (2 layers, W and R of
     // 1024 × 256 each) and the int8 head; no KV cache. The first layer's W

@@ -183,6 +183,15 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         None
     }
 
+    /// Bytes per second a plain sequential loop reads the weights one decode
+    /// step streams at, on this backend's threads (the best of three
+    /// passes over the same memory); `None` where the backend cannot tell.
+    /// Decode tokens/s times [`Footprint::bytes_per_token`] over it is how
+    /// close decode runs to the memory's read bandwidth.
+    fn weight_read_rate(&self) -> Option<f64> {
+        None
+    }
+
     /// One step for several sequences (continuous batching), logits of each
     /// item's last position into its `logits`. The default steps them one after
     /// another; a backend that can runs them as one batched product.

@@ -187,6 +187,11 @@ impl Gpt2 {
             .chain([&self.head])
     }
 
+    /// The packed weight bytes a decode step streams, in the order it reads them.
+    pub fn packed(&self) -> Vec<&[i8]> {
+        self.linears().map(|l| l.w.packed_bytes()).collect()
+    }
+
     /// Whether every projection came from int8 weights in the file.
     pub fn all_int8(&self) -> bool {
         self.linears().all(|l| l.from_int8)

@@ -270,6 +270,11 @@ impl Llama {
         self.linears().all(|l| l.from_int8)
     }
 
+    /// The packed weight bytes a decode step streams, in the order it reads them.
+    pub fn packed(&self) -> Vec<&[i8]> {
+        self.linears().map(|l| l.w.packed_bytes()).collect()
+    }
+
     /// int8 weight bytes a decode step reads (every projection once).
     pub fn streamed_bytes(&self) -> usize {
         self.linears().map(|l| l.w.weight_bytes()).sum()

@@ -21,10 +21,12 @@ mod lstm;
 mod ops;
 mod pool;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use ember_kernels::gemv::Parallel;
-use ember_kernels::Kernels;
+use ember_kernels::{mem, Kernels};
 use tract_onnx::pb;
 
 use super::{Backend, BatchItem, EngineError, LoadOptions, Logits, SeqState};
@@ -256,6 +258,10 @@ impl Net {
 
     fn streamed_bytes(&self) -> usize {
         each_net!(self, m => m.streamed_bytes())
+    }
+
+    fn packed(&self) -> Vec<&[i8]> {
+        each_net!(self, m => m.packed())
     }
 
     fn new_work(&self, arena: KvArena, context: usize) -> ops::Work {
@@ -493,6 +499,40 @@ impl Backend for NativeBackend {
             bytes_per_token: self.net.streamed_bytes(),
             kv_bytes: self.kv_bytes,
         })
+    }
+
+    fn weight_read_rate(&self) -> Option<f64> {
+        let parts = self.net.packed();
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        let par = self.par();
+        let threads = par.threads().max(1);
+        // Each thread reads a contiguous share of about total / threads
+        // bytes, in the order a step streams them.
+        let mut at = 0;
+        let owner: Vec<usize> = parts
+            .iter()
+            .map(|p| {
+                let t = at * threads / total.max(1);
+                at += p.len();
+                t
+            })
+            .collect();
+        let sink = AtomicU64::new(0);
+        let mut best = f64::INFINITY;
+        for _ in 0..3 {
+            let t0 = Instant::now();
+            par.run(threads, &|t| {
+                let sum = parts
+                    .iter()
+                    .zip(&owner)
+                    .filter(|(_, &o)| o == t)
+                    .fold(0u64, |s, (p, _)| s.wrapping_add(mem::read_sum(p)));
+                sink.fetch_add(sum, Ordering::Relaxed);
+            });
+            best = best.min(t0.elapsed().as_secs_f64());
+        }
+        std::hint::black_box(sink.load(Ordering::Relaxed));
+        Some(total as f64 / best)
     }
 
     fn new_state(&self) -> Result<SeqState, EngineError> {
