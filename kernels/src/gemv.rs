@@ -326,6 +326,16 @@ fn compute(
     while start < rows.end {
         // The tile (or block) holding `start`, clipped to the range.
         let n_rows = (rows.end - start).min(tile - start % tile);
+        if let Layout::Blocks = w.layout {
+            // The sums and scales [`correct`] reads after the kernel are
+            // ~1/70 of the weights' bytes, a stream the hardware prefetcher
+            // does not follow from block to block: ask for the next block's
+            // during this one (once, whatever the number of groups).
+            if start == rows.start {
+                w.prefetch_meta(start, bias);
+            }
+            w.prefetch_meta(start - start % BLOCK_ROWS + BLOCK_ROWS, bias);
+        }
         for (g, group) in xs.chunks(TILE_ACTS).enumerate() {
             let mut qs: [&[u8]; TILE_ACTS] = [&[]; TILE_ACTS];
             for (q, x) in qs.iter_mut().zip(group) {
@@ -343,14 +353,6 @@ fn compute(
                     }
                 }
                 Layout::Blocks => {
-                    // The sums and scales [`correct`] reads after the
-                    // kernel are ~1/70 of the weights' bytes, a stream the
-                    // hardware prefetcher does not follow from block to
-                    // block: ask for the next block's during this one.
-                    if start == rows.start {
-                        w.prefetch_meta(start, bias);
-                    }
-                    w.prefetch_meta(start - start % BLOCK_ROWS + BLOCK_ROWS, bias);
                     let acc = (k.block_u8i8)(qs, w.block64(start));
                     let first = start % BLOCK_ROWS;
                     for (j, x) in group.iter().enumerate() {
