@@ -656,6 +656,28 @@ mod tests {
         Kernels::all_available()
     }
 
+    /// Each activation vector quantized to u8: bytes, scale, zero point.
+    fn quantized(xs: impl IntoIterator<Item = Vec<f32>>) -> Vec<(Vec<u8>, f32, u8)> {
+        xs.into_iter()
+            .map(|x| {
+                let mut q = vec![0u8; x.len()];
+                let (s, z) = dynamic_quantize_u8(&x, &mut q);
+                (q, s, z)
+            })
+            .collect()
+    }
+
+    /// [`quantized`]'s vectors as the kernels take them.
+    fn qvecs(acts: &[(Vec<u8>, f32, u8)]) -> Vec<QVec<'_>> {
+        acts.iter()
+            .map(|(q, s, z)| QVec {
+                q,
+                scale: *s,
+                zero_point: *z,
+            })
+            .collect()
+    }
+
     const LAYOUTS: [Layout; 2] = [Layout::Rows, Layout::Blocks];
 
     fn case() -> impl Strategy<Value = (usize, usize, Vec<f32>, Vec<f32>, Vec<f32>)> {
@@ -726,13 +748,10 @@ mod tests {
         fn gemm_equals_gemv_per_row((rows, cols, w, x, bias) in case(), batch in 1usize..40, blocks: bool) {
             let layout = if blocks { Layout::Blocks } else { Layout::Rows };
             let pw = PackedI8::quantize_as(layout, &w, rows, cols);
-            let acts: Vec<(Vec<u8>, f32, u8)> = (0..batch).map(|i| {
-                let xi: Vec<f32> = x.iter().map(|v| v * (i as f32 + 1.0) - i as f32 * 0.1).collect();
-                let mut q = vec![0u8; cols];
-                let (s, z) = dynamic_quantize_u8(&xi, &mut q);
-                (q, s, z)
-            }).collect();
-            let qs: Vec<QVec> = acts.iter().map(|(q, s, z)| QVec { q, scale: *s, zero_point: *z }).collect();
+            let acts = quantized((0..batch).map(|i| {
+                x.iter().map(|v| v * (i as f32 + 1.0) - i as f32 * 0.1).collect()
+            }));
+            let qs = qvecs(&acts);
             for k in isas() {
                 let mut out = vec![0f32; batch * rows];
                 gemm(&k, &pw, &qs, Some(&bias), &mut out);
@@ -767,13 +786,10 @@ mod tests {
                 PackedI8::quantize_as(layout, &w, rows, cols)
             }).collect();
             let biases: Vec<Vec<f32>> = heights.iter().map(|&rows| (0..rows).map(|r| value(r + 31) * 3.0).collect()).collect();
-            let acts: Vec<(Vec<u8>, f32, u8)> = (0..batch).map(|b| {
-                let x: Vec<f32> = (0..cols).map(|c| value(c * 13 + b + 1) * 4.0).collect();
-                let mut q = vec![0u8; cols];
-                let (s, z) = dynamic_quantize_u8(&x, &mut q);
-                (q, s, z)
-            }).collect();
-            let qs: Vec<QVec> = acts.iter().map(|(q, s, z)| QVec { q, scale: *s, zero_point: *z }).collect();
+            let acts = quantized((0..batch).map(|b| {
+                (0..cols).map(|c| value(c * 13 + b + 1) * 4.0).collect()
+            }));
+            let qs = qvecs(&acts);
             for k in isas() {
                 let mut outs: Vec<Vec<f32>> = heights.iter().map(|&rows| vec![f32::NAN; batch * rows]).collect();
                 let mut products: Vec<Product> = ws.iter().zip(&biases).zip(outs.iter_mut()).enumerate()
@@ -803,24 +819,12 @@ mod tests {
             let bias: Vec<f32> = (0..rows).map(|r| r as f32 * 0.01).collect();
             let pw = PackedI8::quantize_as(Layout::Blocks, &w, rows, cols);
             for batch in [5usize, 8, 16, 17, 33] {
-                let acts: Vec<(Vec<u8>, f32, u8)> = (0..batch)
-                    .map(|b| {
-                        let x: Vec<f32> = (0..cols)
-                            .map(|i| ((i * 31 + b * 17) % 97) as f32 / 20.0 - 2.0)
-                            .collect();
-                        let mut q = vec![0u8; cols];
-                        let (s, z) = dynamic_quantize_u8(&x, &mut q);
-                        (q, s, z)
-                    })
-                    .collect();
-                let qs: Vec<QVec> = acts
-                    .iter()
-                    .map(|(q, s, z)| QVec {
-                        q,
-                        scale: *s,
-                        zero_point: *z,
-                    })
-                    .collect();
+                let acts = quantized((0..batch).map(|b| {
+                    (0..cols)
+                        .map(|i| ((i * 31 + b * 17) % 97) as f32 / 20.0 - 2.0)
+                        .collect()
+                }));
+                let qs = qvecs(&acts);
                 let mut want = vec![0f32; batch * rows];
                 gemm(&generic, &pw, &qs, Some(&bias), &mut want);
                 for k in isas() {
