@@ -471,29 +471,48 @@ pub(crate) fn qk_q8_body(q: &[i8], keys: &[i8], key_scales: &[f32], scale: f32, 
 
 /// The body of [`qk_f32`], inlined into each ISA's copy: four
 /// accumulators (dimensions `d mod 4`, so the adds do not wait on each
-/// other), summed as `(a0 + a1) + (a2 + a3)`.
+/// other), summed as `(a0 + a1) + (a2 + a3)`. The accumulators are four
+/// named arrays rather than one indexed by a loop: with fat LTO and one
+/// codegen unit LLVM left that loop rolled and kept them on the stack, a
+/// store and a reload on every add, and the release build's score kernel
+/// ran 2–4× slower than the same source built without LTO.
 #[inline(always)]
 pub(crate) fn qk_body(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) {
     const K: usize = KEY_BLOCK;
-    let mut acc = [[0f32; K]; 4];
+    let (mut a0, mut a1, mut a2, mut a3) = ([0f32; K], [0f32; K], [0f32; K], [0f32; K]);
     let (q4, k4) = (q.chunks_exact(4), keys.chunks_exact(4 * K));
     for (&x, k) in q4.remainder().iter().zip(k4.remainder().chunks_exact(K)) {
-        for j in 0..K {
-            acc[0][j] += x * k[j];
-        }
+        axpy(&mut a0, x, k);
     }
     for (x, k) in q4.zip(k4) {
-        for (a, acc) in acc.iter_mut().enumerate() {
-            for j in 0..K {
-                acc[j] += x[a] * k[a * K + j];
-            }
-        }
+        let (k0, k) = k.split_at(K);
+        let (k1, k) = k.split_at(K);
+        let (k2, k3) = k.split_at(K);
+        axpy(&mut a0, x[0], k0);
+        axpy(&mut a1, x[1], k1);
+        axpy(&mut a2, x[2], k2);
+        axpy(&mut a3, x[3], k3);
     }
     let mut s = [0f32; K];
     for j in 0..K {
-        s[j] = ((acc[0][j] + acc[1][j]) + (acc[2][j] + acc[3][j])) * scale;
+        s[j] = ((a0[j] + a1[j]) + (a2[j] + a3[j])) * scale;
     }
-    out.copy_from_slice(&s[..out.len()]);
+    // A whole block's scores in one store: through a slice of unknown
+    // length they went to the stack and a call to `memcpy`.
+    match <&mut [f32; K]>::try_from(&mut *out) {
+        Ok(out) => *out = s,
+        Err(_) => out.copy_from_slice(&s[..out.len()]),
+    }
+}
+
+/// `acc[j] += x · v[j]` over one register's worth of lanes (a multiply,
+/// then an add: no fused multiply-add, so every ISA rounds alike).
+#[inline(always)]
+fn axpy<const N: usize>(acc: &mut [f32; N], x: f32, v: &[f32]) {
+    let v: &[f32; N] = v[..N].try_into().expect("N values");
+    for j in 0..N {
+        acc[j] += x * v[j];
+    }
 }
 
 /// Attention output: `out += scale · Σ_s p[s] · vals[s]` over value rows.
@@ -627,11 +646,11 @@ pub(crate) fn pv_body(p: &[f32], scale: f32, vals: &[f32], out: &mut [f32]) {
     let d = out.len();
     let mut c = 0;
     while c + 4 * LANES <= d {
-        pv_cols::<4>(p, scale, vals, d, c, out);
+        pv_cols4(p, scale, vals, d, c, out);
         c += 4 * LANES;
     }
     while c + LANES <= d {
-        pv_cols::<1>(p, scale, vals, d, c, out);
+        pv_cols1(p, scale, vals, d, c, out);
         c += LANES;
     }
     if c < d {
@@ -644,48 +663,67 @@ pub(crate) fn pv_body(p: &[f32], scale: f32, vals: &[f32], out: &mut [f32]) {
     }
 }
 
-/// Columns `c..c + W·LANES` of [`pv_body`], accumulated in `2W` registers:
+/// Columns `c..c + 4·LANES` of [`pv_body`], accumulated in 8 registers:
 /// even and odd value rows apart (so consecutive rows' adds do not wait on
 /// each other, which otherwise bounds a block by the add latency), summed
-/// at the end as `even + odd`.
+/// at the end as `even + odd`. Named accumulators, as in [`qk_body`]: held
+/// in an array indexed by a loop over the column chunks, the LTO build
+/// kept them in memory.
 #[inline(always)]
-fn pv_cols<const W: usize>(
-    p: &[f32],
-    scale: f32,
-    vals: &[f32],
-    d: usize,
-    c: usize,
-    out: &mut [f32],
-) {
-    let (mut even, mut odd) = ([[0f32; LANES]; W], [[0f32; LANES]; W]);
-    let n = W * LANES;
+fn pv_cols4(p: &[f32], scale: f32, vals: &[f32], d: usize, c: usize, out: &mut [f32]) {
+    const L: usize = LANES;
+    let z = [0f32; L];
+    let (mut e0, mut e1, mut e2, mut e3) = (z, z, z, z);
+    let (mut o0, mut o1, mut o2, mut o3) = (z, z, z, z);
     for i in 0..p.len() / 2 {
         let (p0, p1) = (p[2 * i] * scale, p[2 * i + 1] * scale);
-        let v0 = &vals[2 * i * d + c..][..n];
-        let v1 = &vals[(2 * i + 1) * d + c..][..n];
-        for w in 0..W {
-            for l in 0..LANES {
-                even[w][l] += p0 * v0[w * LANES + l];
-                odd[w][l] += p1 * v1[w * LANES + l];
-            }
-        }
+        let v0 = &vals[2 * i * d + c..][..4 * L];
+        let v1 = &vals[(2 * i + 1) * d + c..][..4 * L];
+        axpy(&mut e0, p0, &v0[..L]);
+        axpy(&mut o0, p1, &v1[..L]);
+        axpy(&mut e1, p0, &v0[L..]);
+        axpy(&mut o1, p1, &v1[L..]);
+        axpy(&mut e2, p0, &v0[2 * L..]);
+        axpy(&mut o2, p1, &v1[2 * L..]);
+        axpy(&mut e3, p0, &v0[3 * L..]);
+        axpy(&mut o3, p1, &v1[3 * L..]);
     }
     if p.len() % 2 == 1 {
         let s = p.len() - 1;
         let ps = p[s] * scale;
-        let v = &vals[s * d + c..][..n];
-        for w in 0..W {
-            for l in 0..LANES {
-                even[w][l] += ps * v[w * LANES + l];
-            }
+        let v = &vals[s * d + c..][..4 * L];
+        axpy(&mut e0, ps, &v[..L]);
+        axpy(&mut e1, ps, &v[L..]);
+        axpy(&mut e2, ps, &v[2 * L..]);
+        axpy(&mut e3, ps, &v[3 * L..]);
+    }
+    let out: &mut [f32] = &mut out[c..c + 4 * L];
+    for (o, (e, od)) in out
+        .chunks_exact_mut(L)
+        .zip([(e0, o0), (e1, o1), (e2, o2), (e3, o3)])
+    {
+        for l in 0..L {
+            o[l] += e[l] + od[l];
         }
     }
-    let acc = [even, odd];
-    let out: &mut [f32] = &mut out[c..c + W * LANES];
-    for (w, o) in out.chunks_exact_mut(LANES).enumerate() {
-        for l in 0..LANES {
-            o[l] += acc[0][w][l] + acc[1][w][l];
-        }
+}
+
+/// [`pv_cols4`] for one chunk of `LANES` columns.
+#[inline(always)]
+fn pv_cols1(p: &[f32], scale: f32, vals: &[f32], d: usize, c: usize, out: &mut [f32]) {
+    const L: usize = LANES;
+    let (mut e, mut od) = ([0f32; L], [0f32; L]);
+    for i in 0..p.len() / 2 {
+        let (p0, p1) = (p[2 * i] * scale, p[2 * i + 1] * scale);
+        axpy(&mut e, p0, &vals[2 * i * d + c..]);
+        axpy(&mut od, p1, &vals[(2 * i + 1) * d + c..]);
+    }
+    if p.len() % 2 == 1 {
+        let s = p.len() - 1;
+        axpy(&mut e, p[s] * scale, &vals[s * d + c..]);
+    }
+    for (o, l) in out[c..c + L].iter_mut().zip(0..L) {
+        *o += e[l] + od[l];
     }
 }
 
