@@ -497,12 +497,7 @@ pub(crate) fn qk_body(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) {
     for j in 0..K {
         s[j] = ((a0[j] + a1[j]) + (a2[j] + a3[j])) * scale;
     }
-    // A whole block's scores in one store: through a slice of unknown
-    // length they went to the stack and a call to `memcpy`.
-    match <&mut [f32; K]>::try_from(&mut *out) {
-        Ok(out) => *out = s,
-        Err(_) => out.copy_from_slice(&s[..out.len()]),
-    }
+    out.copy_from_slice(&s[..out.len()]);
 }
 
 /// `acc[j] += x · v[j]` over one register's worth of lanes (a multiply,
