@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    emberd::engine::fix_malloc_threshold();
     match emberd::cli::main() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
