@@ -404,7 +404,11 @@ pub fn fix_malloc_threshold() {
 /// its mmap threshold has grown, so RSS stayed at the load's level for the
 /// life of the daemon. Also called between load stages, so that the next
 /// stage's allocations do not sit on top of the last one's freed memory.
-/// musl returns them on its own.
+/// musl returns them on its own. In `emberd` the threshold no longer grows
+/// ([`fix_malloc_threshold`]); this still returns freed blocks below
+/// [`MMAP_THRESHOLD`] that are not at the heap's top, and does the whole
+/// job where the library runs in a process whose `main` did not fix the
+/// threshold (the tests).
 fn release_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only returns free memory at the heap's top and in
